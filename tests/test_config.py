@@ -1,0 +1,71 @@
+"""Config loading and validation: unknown keys, wrong types and out-of-range values name the field."""
+
+import json
+
+import pytest
+
+from airlora.config import ChannelConfig, RunConfig, TrainConfig, from_dict, load_config, merge
+from airlora.errors import AirloraError
+
+
+def test_defaults_round_trip_through_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(RunConfig().to_dict()))
+    assert load_config(path) == RunConfig()
+
+
+def test_yaml_with_nested_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("allocator: random\nchannel:\n  snr_db: [-5, 10]\n  fading: awgn\ntrain:\n  steps: 7\n")
+    config = load_config(path)
+    assert config.allocator == "random" and config.channel.snr_db == (-5.0, 10.0)
+    assert config.channel.fading == "awgn" and config.train.steps == 7
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"chanel": {}}, "chanel"),
+        ({"channel": {"bandwith_hz": 1e6}}, "channel.bandwith_hz"),
+        ({"train": {"steps": "ten"}}, "train.steps"),
+        ({"train": {"steps": True}}, "train.steps"),
+        ({"channel": {"fading": "nakagami"}}, "channel.fading"),
+        ({"channel": {"t_max_s": 0}}, "channel.t_max_s"),
+        ({"channel": {"bandwidth_hz": -1.0}}, "channel.bandwidth_hz"),
+        ({"channel": {"snr_db": [float("nan")]}}, "channel.snr_db"),
+        ({"adapter": {"r_max": 0}}, "adapter.r_max"),
+        ({"adapter": {"init_rank": 9}}, "adapter.init_rank"),
+        ({"allocator": "greedy"}, "allocator"),
+        ({"channel": {"snr_schedule": "trace"}}, "channel.snr_trace"),
+        ({"train": []}, "train"),
+    ],
+)
+def test_bad_values_name_the_field(data, field):
+    with pytest.raises(AirloraError) as err:
+        from_dict(RunConfig, data)
+    assert field in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(AirloraError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(AirloraError, match="not valid"):
+        load_config(bad)
+    txt = tmp_path / "c.txt"
+    txt.write_text("{}")
+    with pytest.raises(AirloraError, match="yaml"):
+        load_config(txt)
+
+
+def test_merge_overrides_and_revalidates():
+    config = merge(RunConfig(), {"channel.t_max_s": 0.5, "train.steps": 3})
+    assert config.channel.t_max_s == 0.5 and config.train.steps == 3
+    with pytest.raises(AirloraError, match="train.steps"):
+        merge(RunConfig(), {"train.steps": 0})
+
+
+def test_int_accepted_for_float_fields():
+    assert ChannelConfig(t_max_s=2).t_max_s == 2
+    assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
