@@ -1,0 +1,181 @@
+"""SVD-form adapters with a rank that can change at every step (AdaLoRA's W0 + P·diag(λ)·Q).
+
+Letters: B batch, T tokens, d_in / d_out the linear's sizes, R = r_max stored triplets, r active rank.
+
+Which triplets are active: when a module's rank changes to r, the r triplets with the largest |λ|
+become active (ties go to the lower index). With P and Q kept near-orthonormal by the regulariser,
+λ are the singular values of ΔW, so dropping the smallest |λ| is the best rank-r cut of ΔW
+(Eckart–Young). While the rank stays the same the active set stays the same.
+
+Cut triplets keep their values: they are excluded from the forward (no gradient reaches them) and
+``forget_momentum`` clears their optimiser momentum, so with no weight decay an Adam step leaves them
+exactly unchanged. A later rank increase restores them where they were instead of from zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from airlora.config import AdapterConfig
+from airlora.models import ModuleMap
+from airlora.ranks import RankMap
+
+
+class SVDLinear(nn.Module):
+    """A frozen linear layer plus an SVD adapter of up to ``r_max`` triplets, ``rank`` of them active."""
+
+    def __init__(self, base: nn.Linear, r_max: int, alpha: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        d_in, d_out = base.in_features, base.out_features
+        self.r_max = r_max
+        self.scaling = alpha / r_max  # fixed: a rank cut must not rescale the triplets that remain
+        # Orthonormal P columns and Q rows satisfy the regulariser from the start; λ = 0 makes ΔW = 0.
+        self.P = nn.Parameter(_orthonormal(d_out, r_max, generator))  # (d_out, R)
+        self.Q = nn.Parameter(_orthonormal(d_in, r_max, generator).T.contiguous())  # (R, d_in)
+        self.lam = nn.Parameter(torch.zeros(r_max))  # (R,)
+        self.register_buffer("active", torch.arange(r_max), persistent=False)  # (r,) sorted indices
+        self.rank = r_max
+
+    def set_rank(self, rank: int) -> torch.Tensor | None:
+        """Activate the ``rank`` triplets with the largest |λ|; return the indices just deactivated, if any."""
+        if rank == self.rank:
+            return None
+        order = torch.sort(self.lam.detach().abs(), descending=True, stable=True).indices
+        active = torch.sort(order[:rank]).values
+        was = torch.zeros(self.r_max, dtype=torch.bool)
+        was[self.active] = True
+        was[active] = False
+        self.active, self.rank = active, rank
+        cut = was.nonzero().flatten()
+        return cut if cut.numel() else None
+
+    def active_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P_a (d_out, r), λ_a (r,), Q_a (r, d_in)) of the active triplets."""
+        if self.rank == self.r_max:
+            return self.P, self.lam, self.Q
+        return self.P.index_select(1, self.active), self.lam.index_select(0, self.active), self.Q.index_select(
+            0, self.active
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d_in)
+        out = self.base(x)
+        if self.rank == 0:
+            return out
+        P, lam, Q = self.active_factors()  # only the r active triplets are multiplied
+        h = F.linear(x.to(Q.dtype), Q) * (lam * self.scaling)  # (B, T, r)
+        return out + F.linear(h, P).to(out.dtype)  # (B, T, d_out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling·P_a·diag(λ_a)·Q_a, shape (d_out, d_in)."""
+        P, lam, Q = self.active_factors()
+        return (P * (lam * self.scaling)) @ Q
+
+    def orthogonality(self) -> torch.Tensor:
+        """||P_aᵀP_a − I||²_F + ||Q_aQ_aᵀ − I||²_F over the active triplets."""
+        if self.rank == 0:
+            return self.lam.new_zeros(())
+        P, _, Q = self.active_factors()
+        eye = torch.eye(self.rank, dtype=P.dtype)
+        return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
+
+
+def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """A (rows, cols) matrix with orthonormal columns (rows ≥ cols) or rows (rows < cols), seeded."""
+    gauss = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
+    q, _ = torch.linalg.qr(gauss)
+    return q if rows >= cols else q.T
+
+
+@dataclass
+class AdapterSet:
+    """All adapters of one model, addressed by rank key (``layers.{i}.{module}``)."""
+
+    modules: dict[str, SVDLinear]
+    module_map: ModuleMap
+    r_max: int
+
+    @classmethod
+    def inject(cls, model: nn.Module, module_map: ModuleMap, config: AdapterConfig, seed: int) -> AdapterSet:
+        """Freeze ``model`` and replace each mapped linear with an ``SVDLinear`` (in place)."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        modules = {}
+        for key, name in module_map.names.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            wrapped = SVDLinear(getattr(parent, child), config.r_max, config.alpha, generator)
+            setattr(parent, child, wrapped)
+            modules[key] = wrapped
+        adapters = cls(modules, module_map, config.r_max)
+        init = config.r_max if config.init_rank is None else config.init_rank
+        adapters.set_ranks({key: init for key in modules})
+        return adapters
+
+    def ranks(self) -> RankMap:
+        """The active rank of every module."""
+        return {key: m.rank for key, m in self.modules.items()}
+
+    def set_ranks(self, ranks: RankMap) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """Apply a (feasible) rank mapping; return (parameter, dim, indices) of every triplet just cut."""
+        cuts = []
+        for key, module in self.modules.items():
+            cut = module.set_rank(int(ranks[key]))
+            if cut is not None:
+                cuts += [(module.P, 1, cut), (module.lam, 0, cut), (module.Q, 0, cut)]
+        return cuts
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every adapter parameter (all r_max triplets of every module)."""
+        return [p for m in self.modules.values() for p in (m.P, m.lam, m.Q)]
+
+    def orthogonality(self) -> torch.Tensor:
+        """Mean orthogonality penalty over adapted modules (the regulariser added to the task loss)."""
+        return torch.stack([m.orthogonality() for m in self.modules.values()]).mean()
+
+    def active_tensors(self) -> dict[str, torch.Tensor]:
+        """What goes on air: P_a, λ_a, Q_a of every module with rank > 0, named ``{key}.{P|lam|Q}``."""
+        out = {}
+        for key, module in self.modules.items():
+            if module.rank:
+                P, lam, Q = (t.detach() for t in module.active_factors())
+                out.update({f"{key}.P": P, f"{key}.lam": lam, f"{key}.Q": Q})
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every stored triplet and the active sets, for checkpoints (cut triplets included)."""
+        out = {}
+        for key, m in self.modules.items():
+            out.update({f"{key}.P": m.P.detach().clone(), f"{key}.lam": m.lam.detach().clone(),
+                        f"{key}.Q": m.Q.detach().clone(), f"{key}.active": m.active.clone()})
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state`` returned: triplet values, active sets and ranks."""
+        with torch.no_grad():
+            for key, m in self.modules.items():
+                m.P.copy_(state[f"{key}.P"])
+                m.lam.copy_(state[f"{key}.lam"])
+                m.Q.copy_(state[f"{key}.Q"])
+                m.active = state[f"{key}.active"].clone()
+                m.rank = int(m.active.numel())
+
+
+def forget_momentum(optimizer: torch.optim.Optimizer, cuts: list[tuple[nn.Parameter, int, torch.Tensor]]) -> None:
+    """Zero the first-moment (momentum) state of cut triplets so the optimiser leaves them unchanged.
+
+    A cut triplet's gradient is exactly zero; with zero momentum and no weight decay Adam's update is
+    zero too (SGD's momentum buffer likewise). The second moment may stay: it only scales a zero update.
+    """
+    for param, dim, index in cuts:
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        for name in ("exp_avg", "momentum_buffer"):
+            if state.get(name) is not None:
+                state[name].index_fill_(dim, index, 0.0)
