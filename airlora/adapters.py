@@ -34,12 +34,28 @@ class SVDLinear(nn.Module):
         d_in, d_out = base.in_features, base.out_features
         self.r_max = r_max
         self.scaling = alpha / r_max  # fixed: a rank cut must not rescale the triplets that remain
+        # PEFT AdaLoRA's names and shapes (lora_A = Q, lora_B = P, lora_E = λ as (R, 1), adapter "default"),
+        # so PEFT's own RankAllocator can score these triplets and the export maps one to one.
         # Orthonormal P columns and Q rows satisfy the regulariser from the start; λ = 0 makes ΔW = 0.
-        self.P = nn.Parameter(_orthonormal(d_out, r_max, generator))  # (d_out, R)
-        self.Q = nn.Parameter(_orthonormal(d_in, r_max, generator).T.contiguous())  # (R, d_in)
-        self.lam = nn.Parameter(torch.zeros(r_max))  # (R,)
+        self.lora_B = nn.ParameterDict({"default": nn.Parameter(_orthonormal(d_out, r_max, generator))})  # (d_out, R)
+        self.lora_A = nn.ParameterDict(
+            {"default": nn.Parameter(_orthonormal(d_in, r_max, generator).T.contiguous())}  # (R, d_in)
+        )
+        self.lora_E = nn.ParameterDict({"default": nn.Parameter(torch.zeros(r_max, 1))})  # (R, 1)
         self.register_buffer("active", torch.arange(r_max), persistent=False)  # (r,) sorted indices
         self.rank = r_max
+
+    @property
+    def P(self) -> nn.Parameter:  # (d_out, R)
+        return self.lora_B["default"]
+
+    @property
+    def Q(self) -> nn.Parameter:  # (R, d_in)
+        return self.lora_A["default"]
+
+    @property
+    def lam(self) -> torch.Tensor:  # (R,) view of lora_E
+        return self.lora_E["default"].view(-1)
 
     def set_rank(self, rank: int) -> torch.Tensor | None:
         """Activate the ``rank`` triplets with the largest |λ|; return the indices just deactivated, if any."""
@@ -127,24 +143,24 @@ class AdapterSet:
         for key, module in self.modules.items():
             cut = module.set_rank(int(ranks[key]))
             if cut is not None:
-                cuts += [(module.P, 1, cut), (module.lam, 0, cut), (module.Q, 0, cut)]
+                cuts += [(module.P, 1, cut), (module.lora_E["default"], 0, cut), (module.Q, 0, cut)]
         return cuts
 
     def parameters(self) -> list[nn.Parameter]:
         """Every adapter parameter (all r_max triplets of every module)."""
-        return [p for m in self.modules.values() for p in (m.P, m.lam, m.Q)]
+        return [p for m in self.modules.values() for p in (m.P, m.lora_E["default"], m.Q)]
 
     def orthogonality(self) -> torch.Tensor:
         """Mean orthogonality penalty over adapted modules (the regulariser added to the task loss)."""
         return torch.stack([m.orthogonality() for m in self.modules.values()]).mean()
 
     def active_tensors(self) -> dict[str, torch.Tensor]:
-        """What goes on air: P_a, λ_a, Q_a of every module with rank > 0, named ``{key}.{P|lam|Q}``."""
+        """What goes on air: Q_a, P_a, λ_a of every module with rank > 0, as ``{key}.lora_A|lora_B|lora_E``."""
         out = {}
         for key, module in self.modules.items():
             if module.rank:
-                P, lam, Q = (t.detach() for t in module.active_factors())
-                out.update({f"{key}.P": P, f"{key}.lam": lam, f"{key}.Q": Q})
+                P, lam, Q = (t.detach().contiguous() for t in module.active_factors())
+                out.update({f"{key}.lora_A": Q, f"{key}.lora_B": P, f"{key}.lora_E": lam.view(-1, 1)})
         return out
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,79 @@
+"""The allocator interface: what every rank allocator sees and returns.
+
+The trainer calls ``allocate`` before the forward pass of every step a decision is due, projects
+the answer onto the budget and applies it; it calls ``observe`` after ``optimizer.step()`` and
+before ``zero_grad()`` (gradients still present, as PEFT's ``update_and_allocate`` expects).
+The trainer never knows which allocator it talks to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from airlora.ranks import RankMap
+
+if TYPE_CHECKING:
+    from airlora.channel import Budget
+    from airlora.config import RunConfig
+
+
+@dataclass(frozen=True)
+class AllocationContext:
+    """What an allocator may look at when it chooses ranks for the next step."""
+
+    step: int
+    """Index of the step about to run (0-based)."""
+    snr_db: float
+    """This step's SNR in dB."""
+    budget: Budget
+    """The channel budget at this step's SNR: costs per module, r_max, capacity, projection."""
+    lexical_entropy: float
+    """Normalised lexical entropy of this step's batch, in [0, 1]."""
+    oov_rate: float
+    """Word-level OOV rate of this step's batch, in [0, 1]."""
+    ranks: RankMap
+    """Ranks applied at the previous step."""
+    bandwidth_hz: float
+    """Channel bandwidth W in Hz."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened at a step, handed to the allocator after the optimiser step."""
+
+    step: int
+    loss: float
+    """Task loss U of the batch."""
+    reward: float
+    """R = −U − λ·η."""
+    eta: float
+    """Share of the airtime budget the applied ranks use."""
+    ranks: RankMap
+    """Ranks applied at this step (after projection)."""
+    model: torch.nn.Module
+    """The model, with gradients of this step still on its parameters."""
+
+
+class Allocator:
+    """Base class: subclasses set ``name`` and implement ``allocate``; ``observe`` is optional."""
+
+    name: str = ""
+
+    def __init__(self, config: RunConfig, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+
+    def allocate(self, ctx: AllocationContext) -> RankMap:
+        """Ranks for the next step; the trainer projects them onto ``ctx.budget`` before use."""
+        raise NotImplementedError
+
+    def observe(self, outcome: StepOutcome) -> None:
+        """Called after ``optimizer.step()``, before ``zero_grad()``."""
+
+    def save(self, out: Path) -> dict[str, Any]:
+        """Write allocator-specific artefacts into the run folder ``out``; return extra summary fields."""
+        return {}

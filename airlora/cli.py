@@ -1,0 +1,170 @@
+"""Command line: ``airlora run``, ``airlora channel``, ``airlora export`` and ``airlora edge``.
+
+User errors print one line ``airlora: error: …`` and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from airlora.errors import AirloraError
+
+
+def _snr_overrides(value: str) -> dict[str, Any]:
+    """``--snr-db``: one number, a comma-separated list, or a trace file (one dB value per line)."""
+    if Path(value).is_file():
+        return {"channel.snr_schedule": "trace", "channel.snr_trace": value}
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise AirloraError(f"--snr-db {value!r}: expected a number, a comma-separated list (--snr-db=-5,0,5) "
+                           "or an existing trace file")
+    return {"channel.snr_db": values}
+
+
+def _add_channel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snr-db", help="SNR in dB: a number, a list (write --snr-db=-5,0,5) or a trace file")
+    p.add_argument("--bandwidth-hz", type=float, help="bandwidth W in Hz (default: scale-matched to the model)")
+    p.add_argument("--t-max-s", type=float, help="latency budget T_max in seconds (default 1)")
+    p.add_argument("--fading", choices=["rayleigh", "awgn", "rician"], help="fading model (default rayleigh)")
+    p.add_argument("--r-max", type=int, help="largest rank per module (default 8)")
+    p.add_argument("--bits", type=int, help="bits per transmitted parameter (default 32)")
+    p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``airlora`` command."""
+    parser = argparse.ArgumentParser(prog="airlora", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="fine-tune with per-module ranks under a wireless delivery budget")
+    run.add_argument("--config", help="YAML or JSON config file; flags override it")
+    run.add_argument("--allocator", help="rank allocator (default uniform)")
+    run.add_argument("--steps", type=int, help="training steps (default 300)")
+    run.add_argument("--seed", type=int, help="seed (default 42)")
+    run.add_argument("--lambda", dest="reward_lambda", type=float, help="λ in R = −U − λ·η (default 0.1)")
+    run.add_argument("--data", help="'tweets', a GLUE SST-2 folder, a .tsv/.csv/.parquet file or hf:NAME[/CONFIG]")
+    run.add_argument("--eval-every", type=int, help="steps between validation passes (default 100)")
+    run.add_argument("--policy-variant", choices=["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet"],
+                     help="airllm: which parts of the hierarchy run (default ppo+ddim-mlp)")
+    run.add_argument("--policy", dest="policy_path", help="airllm: start from the policy.pt of an earlier run")
+    run.add_argument("--out", required=True, help="folder for config.json, metrics.csv and summary.json")
+    run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--match-bits-of", metavar="RUN_DIR",
+                     help="adalora: set the final adapter's on-air bits to those of another finished run")
+    _add_channel_flags(run)
+
+    channel = sub.add_parser("channel", help="capacity, budget and the largest uniform rank that fits")
+    _add_channel_flags(channel)
+
+    export = sub.add_parser("export", help="write a run's adapter as a PEFT adapter at 32, 16 or 8 bits per parameter")
+    export.add_argument("run_dir", help="a finished `airlora run --out` folder")
+    export.add_argument("--bits", type=int, choices=[32, 16, 8], default=32, help="bits per parameter (default 32)")
+    export.add_argument("--out", required=True, help="folder for the PEFT adapter and its delivery manifest")
+    export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+
+    edge = sub.add_parser("edge", help="as the device: verify a delivery, attach it with PEFT, evaluate; prints JSON")
+    edge.add_argument("adapter_dir", help="the --out folder of `airlora export`")
+    edge.add_argument("--base", required=True, help="base model folder ('minilm' for the packaged one)")
+    edge.add_argument("--data", help="test data (default: the run's own test split)")
+    edge.add_argument("--sha256", help="payload SHA-256 the sender printed; must match too")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config paths for every flag the user gave."""
+    pairs = {
+        "allocator": "allocator", "steps": "train.steps", "seed": "train.seed",
+        "reward_lambda": "train.reward_lambda", "data": "data.source", "eval_every": "train.eval_every",
+        "bandwidth_hz": "channel.bandwidth_hz", "t_max_s": "channel.t_max_s", "fading": "channel.fading",
+        "r_max": "adapter.r_max", "bits": "channel.bits_per_param", "model": "model",
+        "policy_variant": "policy.variant", "policy_path": "policy.load_path",
+    }
+    out = {path: getattr(args, name) for name, path in pairs.items() if getattr(args, name, None) is not None}
+    if args.snr_db is not None:
+        out.update(_snr_overrides(args.snr_db))
+    if getattr(args, "quiet", False):
+        out["train.progress"] = False
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``airlora`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        commands = {"run": _cmd_run, "channel": _cmd_channel, "export": _cmd_export, "edge": _cmd_edge}
+        return commands[args.command](args)
+    except AirloraError as err:
+        if args.debug:
+            raise
+        print(f"airlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("airlora: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from airlora.config import RunConfig, load_config, merge
+    from airlora.report import print_summary
+    from airlora.run import run
+
+    config = load_config(args.config) if args.config else RunConfig()
+    config = merge(config, _overrides(args))
+    if args.match_bits_of is not None:
+        from airlora.allocators.adalora import target_bits_of
+
+        if config.allocator != "adalora":
+            raise AirloraError(f"--match-bits-of sets the adalora allocator's target; the allocator is "
+                               f"{config.allocator!r} (add --allocator adalora)")
+        config = merge(config, {"adalora.target_bits": target_bits_of(args.match_bits_of)})
+    summary = run(config, Path(args.out), overwrite=args.overwrite)
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def _cmd_channel(args: argparse.Namespace) -> int:
+    from airlora.config import RunConfig, merge
+    from airlora.report import print_channel
+
+    config = merge(RunConfig(), _overrides(args))
+    print_channel(config)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from airlora.export import export_adapter
+
+    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite)
+    fits = "fits" if m["fits_t_max"] else "OVER T_max"
+    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {m['bits_per_param']} bits/param)")
+    print(f"payload {m['payload_bytes']:,} bytes = {m['transmitted_params']:,} params x {m['bits_per_param']} bits / 8")
+    print(f"overhead {m['overhead_bytes']:,} bytes: safetensors header {m['header_bytes']:,}, "
+          f"scales {m['scale_bytes']:,}, adapter_config.json {m['config_bytes']:,}")
+    print(f"accounted bits {m['accounted_bits']:,}; airtime {m['airtime_s']:.4f} s at {m['snr_db']:g} dB "
+          f"(C {m['capacity_bps'] / 1e6:.3f} Mbit/s) of T_max {m['t_max_s']:g} s: {fits}; "
+          f"with overhead {m['airtime_with_overhead_s']:.4f} s")
+    print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
+    return 0
+
+
+def _cmd_edge(args: argparse.Namespace) -> int:
+    import json
+
+    from airlora.edge import edge_evaluate
+
+    result = edge_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Typed configuration of the hierarchical policy: the PPO coarse agent and the diffusion refiner (paper Table II)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from airlora.validation import _check, _finite, _one_of
+
+DenoiserKind = Literal["mlp", "unet"]
+BetaSchedule = Literal["linear", "squaredcos_cap_v2", "scaled_linear"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+Sampler = Literal["ddim", "ddpm"]
+
+
+@dataclass
+class PPOConfig:
+    """The coarse agent: a Gaussian actor-critic trained with clipped PPO and GAE (paper §IV-A, Eq. 12)."""
+
+    hidden: int = 256
+    """Width of every hidden layer of the actor and the critic (paper: 256)."""
+    layers: int = 2
+    """Hidden layers of the actor and of the critic (paper: 2)."""
+    gamma: float = 0.95
+    """Discount factor γ (paper: 0.95)."""
+    gae_lambda: float = 0.95
+    """GAE parameter (the paper's ζ; paper: 0.95)."""
+    clip_coef: float = 0.2
+    """PPO ratio clip ε (paper: 0.2); also the clip range of the value loss when clip_value_loss is on."""
+    lr: float = 1e-4
+    """Adam learning rate of actor and critic (paper: 1e-4)."""
+    value_coef: float = 0.5
+    """Weight of the value loss in the total PPO loss."""
+    entropy_coef: float = 0.01
+    """Weight of the entropy bonus in the total PPO loss."""
+    update_epochs: int = 10
+    """Passes over the collected batch per update."""
+    minibatch_size: int = 64
+    """Transitions per gradient step; a smaller batch is used whole."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip per step."""
+    clip_value_loss: bool = True
+    """Clip the value update around the old value estimate, as CleanRL does."""
+    normalize_advantages: bool = True
+    """Standardise advantages within each minibatch."""
+    coarse_dim: int | None = None
+    """Size A of the coarse action a_out; None means the full action dim D = 6L (the official code uses 16)."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the state-independent Gaussian over the coarse action."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden >= 1, "ppo.hidden", "an integer >= 1", self.hidden)
+        _check(self.layers >= 1, "ppo.layers", "an integer >= 1", self.layers)
+        _check(_finite(self.gamma) and 0 <= self.gamma <= 1, "ppo.gamma", "a number in [0, 1]", self.gamma)
+        _check(_finite(self.gae_lambda) and 0 <= self.gae_lambda <= 1, "ppo.gae_lambda", "a number in [0, 1]",
+               self.gae_lambda)
+        _check(_finite(self.clip_coef) and self.clip_coef > 0, "ppo.clip_coef", "a positive number", self.clip_coef)
+        _check(_finite(self.lr) and self.lr > 0, "ppo.lr", "a positive number", self.lr)
+        _check(_finite(self.value_coef) and self.value_coef >= 0, "ppo.value_coef", "a number >= 0", self.value_coef)
+        _check(_finite(self.entropy_coef) and self.entropy_coef >= 0, "ppo.entropy_coef", "a number >= 0",
+               self.entropy_coef)
+        _check(self.update_epochs >= 1, "ppo.update_epochs", "an integer >= 1", self.update_epochs)
+        _check(self.minibatch_size >= 1, "ppo.minibatch_size", "an integer >= 1", self.minibatch_size)
+        _check(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "ppo.max_grad_norm", "a positive number",
+               self.max_grad_norm)
+        _check(self.coarse_dim is None or self.coarse_dim >= 1, "ppo.coarse_dim", "null or an integer >= 1",
+               self.coarse_dim)
+        _check(_finite(self.init_log_std) and -20 <= self.init_log_std <= 2, "ppo.init_log_std",
+               "a number in [-20, 2]", self.init_log_std)
+
+
+@dataclass
+class DiffusionConfig:
+    """The conditional diffusion refiner f_ψ with classifier-free guidance (paper §IV-B, Eqs. 13-19)."""
+
+    denoiser: DenoiserKind = "mlp"
+    """Noise network: 'mlp' (residual MLP) or 'unet' (1-D U-Net over the action vector)."""
+    hidden: int = 256
+    """Width of the MLP denoiser and of the time and condition embeddings (paper: 256)."""
+    mlp_blocks: int = 2
+    """Residual blocks of the MLP denoiser (paper: a two-block residual MLP)."""
+    unet_depth: int = 6
+    """Down/up levels of the U-Net (paper: 6); capped at ceil(log2 D) so short action vectors still work."""
+    unet_kernel: int = 3
+    """Convolution kernel size of the U-Net, odd (paper: 3)."""
+    unet_channels: int = 32
+    """Channels of the U-Net's first level; doubled per level up to unet_max_channels."""
+    unet_max_channels: int = 128
+    """Most channels of any U-Net level (the paper's doubling per level would reach 1024 at depth 6)."""
+    time_embed_dim: int = 128
+    """Size of the sinusoidal timestep embedding e_τ (paper Eq. 15)."""
+    train_timesteps: int = 1000
+    """Diffusion steps T of the training schedule (paper: 600, 800 or 1000)."""
+    inference_steps: int = 50
+    """Reverse steps T_diff at sampling time (paper: 30, 50 or 100)."""
+    beta_schedule: BetaSchedule = "linear"
+    """Noise schedule; 'linear' and 'scaled_linear' betas are scaled by 1000/T so every T spans the same noise range."""
+    prediction_type: PredictionType = "epsilon"
+    """What f_ψ predicts: the noise ('epsilon'), the velocity ('v_prediction') or x0 ('sample') (paper Table V)."""
+    sampler: Sampler = "ddim"
+    """Reverse process: deterministic 'ddim' (eta 0, paper Eq. 17) or stochastic 'ddpm' (the PPO+DDPM ablation)."""
+    clip_sample: bool = True
+    """Clip the predicted x̂0 to the normalised action range [-1, 1] at every reverse step."""
+    cond_drop_prob: float = 0.1
+    """Probability of replacing the condition by the learned null condition in training (classifier-free guidance)."""
+    guidance_scale: float = 1.5
+    """w in guided = uncond + w·(cond − uncond): 1 is plain conditional, 0 unconditional, > 1 sharpens the condition."""
+    lr: float = 5e-5
+    """AdamW learning rate of the denoiser (paper: 5e-5)."""
+    kappa: float = 0.1
+    """κ in the hybrid loss L = E||ε̃ − ε||² − κ·E[R̂] (paper Eq. 19; paper: 0.1)."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip of each denoiser update."""
+
+    def __post_init__(self) -> None:
+        _check(self.denoiser in typing.get_args(DenoiserKind), "diffusion.denoiser", _one_of(DenoiserKind),
+               self.denoiser)
+        _check(self.hidden >= 8, "diffusion.hidden", "an integer >= 8", self.hidden)
+        _check(self.mlp_blocks >= 1, "diffusion.mlp_blocks", "an integer >= 1", self.mlp_blocks)
+        _check(1 <= self.unet_depth <= 12, "diffusion.unet_depth", "an integer in [1, 12]", self.unet_depth)
+        _check(self.unet_kernel >= 1 and self.unet_kernel % 2 == 1, "diffusion.unet_kernel", "an odd integer >= 1",
+               self.unet_kernel)
+        _check(self.unet_max_channels >= 1, "diffusion.unet_max_channels", "an integer >= 1",
+               self.unet_max_channels)
+        _check(1 <= self.unet_channels <= self.unet_max_channels, "diffusion.unet_channels",
+               f"an integer in [1, unet_max_channels={self.unet_max_channels}]", self.unet_channels)
+        _check(self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0, "diffusion.time_embed_dim",
+               "an even integer >= 2", self.time_embed_dim)
+        # Below 50 steps the scaled linear betas exceed 0.4 and the chain is too coarse to be a diffusion.
+        _check(50 <= self.train_timesteps <= 100_000, "diffusion.train_timesteps", "an integer in [50, 100000]",
+               self.train_timesteps)
+        _check(1 <= self.inference_steps <= self.train_timesteps, "diffusion.inference_steps",
+               f"an integer in [1, train_timesteps={self.train_timesteps}]", self.inference_steps)
+        _check(self.beta_schedule in typing.get_args(BetaSchedule), "diffusion.beta_schedule",
+               _one_of(BetaSchedule), self.beta_schedule)
+        _check(self.prediction_type in typing.get_args(PredictionType), "diffusion.prediction_type",
+               _one_of(PredictionType), self.prediction_type)
+        _check(self.sampler in typing.get_args(Sampler), "diffusion.sampler", _one_of(Sampler), self.sampler)
+        _check(_finite(self.cond_drop_prob) and 0 <= self.cond_drop_prob < 1, "diffusion.cond_drop_prob",
+               "a number in [0, 1)", self.cond_drop_prob)
+        _check(_finite(self.guidance_scale) and self.guidance_scale >= 0, "diffusion.guidance_scale",
+               "a number >= 0", self.guidance_scale)
+        _check(self.guidance_scale == 1 or self.cond_drop_prob > 0, "diffusion.guidance_scale",
+               "1 when cond_drop_prob is 0 (the unconditional branch is never trained)", self.guidance_scale)
+        _check(_finite(self.lr) and self.lr > 0, "diffusion.lr", "a positive number", self.lr)
+        _check(_finite(self.kappa) and self.kappa >= 0, "diffusion.kappa", "a number >= 0", self.kappa)
+        _check(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "diffusion.max_grad_norm",
+               "a positive number", self.max_grad_norm)
+
+
+PolicyVariant = Literal["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet"]
+
+
+@dataclass
+class PolicyConfig:
+    """The `airllm` allocator: which parts of the hierarchy run (paper Table III) and how they are trained."""
+
+    variant: PolicyVariant = "ppo+ddim-mlp"
+    """'ppo' (PPO alone), 'ddim' (refiner alone, on the state), 'ppo+ddpm', 'ppo+ddim-mlp' or 'ppo+ddim-unet'."""
+    episode_steps: int = 15
+    """Environment steps per episode T_env (paper: 15); PPO and the refiner update once per episode."""
+    refiner_updates: int = 8
+    """Gradient steps of the refiner (and its critic) per episode, on minibatches of the shared buffer."""
+    refiner_batch: int = 64
+    """Transitions per refiner minibatch."""
+    buffer_size: int = 4096
+    """Capacity of the shared buffer {s, a_out, ã, R} (oldest overwritten first)."""
+    critic_lr: float = 1e-3
+    """Adam learning rate of the critic Q(s, a) used by the hybrid loss."""
+    load_path: str | None = None
+    """A policy.pt of an earlier airllm run to start from (set by --policy)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """The PPO coarse agent."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """The diffusion refiner; the variant overrides its denoiser and sampler."""
+
+    def __post_init__(self) -> None:
+        _check(self.variant in typing.get_args(PolicyVariant), "policy.variant", _one_of(PolicyVariant), self.variant)
+        _check(self.episode_steps >= 2, "policy.episode_steps", "an integer >= 2", self.episode_steps)
+        _check(self.refiner_updates >= 1, "policy.refiner_updates", "an integer >= 1", self.refiner_updates)
+        _check(self.refiner_batch >= 1, "policy.refiner_batch", "an integer >= 1", self.refiner_batch)
+        _check(self.buffer_size >= self.episode_steps, "policy.buffer_size",
+               f"an integer >= episode_steps={self.episode_steps}", self.buffer_size)
+        _check(_finite(self.critic_lr) and self.critic_lr > 0, "policy.critic_lr", "a positive number", self.critic_lr)
+
+    def effective_diffusion(self) -> DiffusionConfig:
+        """The diffusion config with the variant's denoiser and sampler applied."""
+        changes = {"ppo+ddpm": {"sampler": "ddpm"}, "ppo+ddim-mlp": {"denoiser": "mlp", "sampler": "ddim"},
+                   "ppo+ddim-unet": {"denoiser": "unet", "sampler": "ddim"}}.get(self.variant, {})
+        return dataclasses.replace(self.diffusion, **changes)

@@ -1,0 +1,137 @@
+"""One `airlora run`: build, train, deliver the best checkpoint, and write config, metrics and summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import save_file
+
+from airlora.config import RunConfig
+from airlora.data import split_statistics
+from airlora.errors import AirloraError
+from airlora.io import write_csv_atomic, write_json_atomic
+from airlora.session import Session, build_session
+from airlora.trainer import METRIC_COLUMNS, TrainResult, evaluate, restore, train
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs' results in one folder unless asked to replace them."""
+    if (out / "summary.json").exists() and not overwrite:
+        raise AirloraError(f"--out {str(out)!r} already holds a finished run; choose another folder or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run(config: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job end to end and return its summary (also written to ``out``)."""
+    started = time.perf_counter()
+    out = Path(out)
+    prepare_out_dir(out, overwrite)
+    session = build_session(config)
+    write_json_atomic(out / "config.json", resolved_config(session))
+    result = train(session)
+    write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)
+    restore(session, result.best)
+    write_adapter(session, out / "adapter.safetensors")
+    extras = session.allocator.save(out)
+    summary = summarise(session, result, evaluate(session, session.test_batches), time.perf_counter() - started)
+    summary.update(extras)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def write_adapter(session: Session, path: Path) -> None:
+    """The delivered adapter (active triplets and task head, fp32) with what is needed to rebuild it.
+
+    Tensors: ``{key}.lora_A`` (r, d_in) = Q_a, ``{key}.lora_B`` (d_out, r) = P_a, ``{key}.lora_E`` (r, 1) = λ_a,
+    and ``head.{name}``. Metadata (strings): ranks, module names, scaling, r_max, model folder.
+    """
+    tensors = session.adapters.active_tensors()
+    tensors.update({f"head.{name}": p.detach().contiguous() for name, p in session.head.items()})
+    first = next(iter(session.adapters.modules.values()))
+    metadata = {
+        "format": "airlora-svd-adapter/1",
+        "ranks": json.dumps(session.adapters.ranks()),
+        "module_names": json.dumps(session.module_map.names),
+        "scaling": repr(first.scaling),
+        "r_max": str(session.adapters.r_max),
+        "model_dir": str(session.model_dir),
+        "architecture_family": session.module_map.family,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def resolved_config(session: Session) -> dict[str, Any]:
+    """The config as run, with derived values (model folder, bandwidth actually used) filled in."""
+    data = session.config.to_dict()
+    data["resolved"] = {
+        "model_dir": str(session.model_dir),
+        "bandwidth_hz": session.bandwidth_hz,
+        "bandwidth_is_scale_matched": session.bandwidth_is_scale_matched,
+        "architecture_family": session.module_map.family,
+        "num_layers": session.module_map.num_layers,
+        "dataset_sizes": session.splits.sizes(),
+    }
+    return data
+
+
+def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_s: float) -> dict[str, Any]:
+    """summary.json: accuracy, the delivered adapter's ranks and size, and its airtime on its channel."""
+    cfg, best = session.config, result.best
+    ranks = session.adapters.ranks()  # the restored best checkpoint: what is delivered
+    budget = session.budget(best.snr_db)
+    params = budget.params(ranks)
+    train_labels = session.splits.train.labels
+    majority = Counter(train_labels.tolist()).most_common(1)[0][0]
+    rows = result.rows
+    step_s = [r["step_s"] for r in rows]
+    decision_s = [r["decision_s"] for r in rows]
+    return {
+        "allocator": cfg.allocator,
+        "model": str(session.model_dir) if cfg.model != "minilm" else "all-MiniLM-L6-v2",
+        "dataset": session.splits.name,
+        "dataset_sizes": session.splits.sizes(),
+        "steps": result.steps_run,
+        "seed": cfg.train.seed,
+        "test_accuracy": test_accuracy,
+        "val_accuracy": best.val_accuracy,
+        "majority_baseline_accuracy": float(np.mean(session.splits.test.labels == majority)),
+        "best_step": best.step,
+        "stopped_early": result.stopped_early,
+        "ranks": ranks,
+        "final_step_ranks": result.final_ranks,
+        "r_max": cfg.adapter.r_max,
+        "transmitted_params": params,
+        "transmitted_params_paper_formula": session.paper_params(ranks),
+        "adapter_params": params - session.head_params,
+        "head_params": session.head_params,
+        "bits_per_param": cfg.channel.bits_per_param,
+        "transmitted_bits": budget.bits(ranks),
+        "snr_db": best.snr_db,
+        "fading": cfg.channel.fading,
+        "bandwidth_hz": session.bandwidth_hz,
+        "bandwidth_is_scale_matched": session.bandwidth_is_scale_matched,
+        "capacity_bps": budget.capacity_bps,
+        "airtime_s": budget.airtime_s(ranks),
+        "t_max_s": cfg.channel.t_max_s,
+        "eta": budget.eta(ranks),
+        "budget_ok": budget.feasible(ranks),
+        "steps_over_budget": sum(not r["budget_ok"] for r in rows),
+        "steps_where_nothing_fits": result.nothing_fits_steps,
+        "reward_lambda": cfg.train.reward_lambda,
+        "mean_reward": float(np.mean([r["reward"] for r in rows])),
+        "train_data_stats": split_statistics(session.splits.train, session.vocabulary),
+        "mean_step_s": float(np.mean(step_s)),
+        "mean_decision_s": float(np.mean(decision_s)),
+        "decision_overhead_ratio": float(np.mean(decision_s) / np.mean(step_s)),
+        "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
+        "eval_s": result.timings["eval_s"],
+        "wall_s": wall_s,
+    }

@@ -1,0 +1,99 @@
+"""Everything a run needs, built once from a RunConfig: model with adapters, data, channel, allocator."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from airlora.adapters import AdapterSet
+from airlora.allocators import Allocator, make_allocator
+from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
+from airlora.config import RunConfig
+from airlora.data import Batch, Splits, TrainBatches, eval_batches, load_splits, load_vocabulary, reference_vocabulary
+from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
+
+
+def seed_everything(seed: int) -> None:
+    """The one place global RNGs are seeded; sampling code takes explicit generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Session:
+    """The parts of one run, ready for the training loop."""
+
+    config: RunConfig
+    model: nn.Module
+    tokenizer: object
+    model_dir: Path
+    module_map: ModuleMap
+    adapters: AdapterSet
+    head: dict[str, nn.Parameter]
+    splits: Splits
+    vocabulary: set[str]
+    train_batches: TrainBatches
+    val_batches: list[Batch]
+    test_batches: list[Batch]
+    bandwidth_hz: float
+    bandwidth_is_scale_matched: bool
+    snr: SnrSchedule
+    allocator: Allocator
+
+    @property
+    def head_params(self) -> int:
+        """Parameters of the task head, delivered in full with the adapter."""
+        return count_parameters(self.head)
+
+    def budget(self, snr_db: float) -> Budget:
+        """The airtime budget at ``snr_db`` (head parameters reserved first)."""
+        ch = self.config.channel
+        return Budget.for_model(
+            self.module_map.shapes,
+            r_max=self.config.adapter.r_max,
+            bits_per_param=ch.bits_per_param,
+            capacity_bps=capacity_bps(snr_db, ch, self.bandwidth_hz),
+            t_max_s=ch.t_max_s,
+            reserved_params=self.head_params,
+        )
+
+    def paper_params(self, ranks: dict[str, int]) -> int:
+        """The paper's count Σ r·(2·d_h + 1) plus the head (exact only for square matrices)."""
+        return sum(r * (2 * self.module_map.hidden_size + 1) for r in ranks.values()) + self.head_params
+
+
+def build_session(config: RunConfig) -> Session:
+    """Load and wire up every part of a run; errors in any input surface here, before training."""
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    seed = config.train.seed
+    seed_everything(seed)
+    model, tokenizer, model_dir = load_model(config.model)
+    module_map = resolve_modules(model, config.adapter.target_modules)
+    adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
+    head = head_parameters(model, module_map)
+    for p in head.values():
+        p.requires_grad_(True)
+
+    splits = load_splits(config.data, seed)
+    vocabulary = load_vocabulary(config.data.vocab_file) if config.data.vocab_file else reference_vocabulary(tokenizer)
+    data = config.data
+    train_batches = TrainBatches(splits.train, tokenizer, data.batch_size, data.max_length, vocabulary, seed)
+    val_batches = eval_batches(splits.validation, tokenizer, data.eval_batch_size, data.max_length)
+    test_batches = eval_batches(splits.test, tokenizer, data.eval_batch_size, data.max_length)
+
+    scale_matched = config.channel.bandwidth_hz is None
+    bandwidth = scale_matched_bandwidth_hz(module_map.shapes) if scale_matched else config.channel.bandwidth_hz
+    return Session(
+        config=config, model=model, tokenizer=tokenizer, model_dir=model_dir, module_map=module_map,
+        adapters=adapters, head=head, splits=splits, vocabulary=vocabulary, train_batches=train_batches,
+        val_batches=val_batches, test_batches=test_batches, bandwidth_hz=float(bandwidth),
+        bandwidth_is_scale_matched=scale_matched, snr=SnrSchedule(config.channel, seed),
+        allocator=make_allocator(config),
+    )
