@@ -1,0 +1,306 @@
+"""Diffusion refiner: fast DDIM path vs diffusers, toy targets, guidance, the reward term, rank codec, U-Net."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from airlora.errors import AirloraError
+from airlora.policy.config import DiffusionConfig
+from airlora.policy.denoisers import MLPDenoiser, UNet1DDenoiser
+from airlora.policy.diffusion import (
+    Critic,
+    DiffusionRefiner,
+    ddim_coefficients,
+    ddim_step,
+    decode_ranks,
+    encode_ranks,
+    make_denoiser,
+    scheduler_kwargs,
+)
+
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+SCHEDULES = ["linear", "squaredcos_cap_v2", "scaled_linear"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny networks: OpenMP hand-offs between two threads cost far more than the maths.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_refiner(action_dim: int, cond_dim: int, seed: int = 0, **overrides) -> DiffusionRefiner:
+    settings_ = {"hidden": 64, "time_embed_dim": 32, "train_timesteps": 100, "inference_steps": 20, "lr": 3e-3,
+                 "guidance_scale": 1.0, **overrides}
+    config = DiffusionConfig(**settings_)
+    torch.manual_seed(seed)
+    return DiffusionRefiner(make_denoiser(config, action_dim, cond_dim), config, action_dim)
+
+
+def train(refiner: DiffusionRefiner, data, steps: int, seed: int = 0, **loss_kwargs) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x0, cond = data(gen)
+        refiner.update(x0, cond, gen, **loss_kwargs)
+
+
+# Three conditions (one-hot) with one exact target each, D = 8.
+TARGETS = torch.tensor([[0.5, 0.5, 0.5, 0.5, -0.5, -0.5, -0.5, -0.5], [-0.6] * 8, [0.3, -0.3] * 4])
+CONDS = torch.eye(3)
+
+
+def three_targets(gen: torch.Generator, batch: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, 3, (batch,), generator=gen)
+    return TARGETS[idx], CONDS[idx]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("clip", [True, False])
+def test_fast_ddim_step_matches_diffusers(prediction, schedule, clip):
+    config = DiffusionConfig(beta_schedule=schedule, prediction_type=prediction, clip_sample=clip)
+    scheduler = DDIMScheduler(**scheduler_kwargs(config))
+    gen = torch.Generator().manual_seed(0)
+    for steps in (50, 30):
+        timesteps, table = ddim_coefficients(scheduler, steps)
+        scheduler.set_timesteps(steps)
+        assert torch.equal(timesteps, scheduler.timesteps)
+        for t, coefficients in zip(timesteps, table, strict=True):
+            out, x = torch.randn(4, 36, generator=gen), torch.randn(4, 36, generator=gen)
+            expected = scheduler.step(out, t, x).prev_sample
+            got = ddim_step(out.clone(), x.clone(), coefficients, prediction, clip)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_sample_matches_a_reference_loop_over_diffusers_step(prediction):
+    refiner = make_refiner(8, 3, prediction_type=prediction)
+    cond, w = torch.randn(3, 3), 2.0
+    got = refiner.sample(cond, torch.Generator().manual_seed(5), guidance_scale=w)
+    # reference: separate conditional and null passes, guidance, DDIMScheduler.step
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 8), generator=gen)
+    scheduler = DDIMScheduler(**scheduler_kwargs(refiner.config))
+    scheduler.set_timesteps(20)
+    keep, drop = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            tt = t.repeat(3)
+            out_cond, out_null = refiner.denoiser(x, tt, cond, keep), refiner.denoiser(x, tt, cond, drop)
+            x = scheduler.step(out_null + w * (out_cond - out_null), t, x).prev_sample
+    torch.testing.assert_close(got, x.clamp(-1, 1), atol=1e-4, rtol=1e-4)
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize(("w", "branches"), [(1.5, 2), (1.0, 1), (0.0, 1)])
+def test_sample_makes_one_network_call_per_step(w, branches):
+    refiner = make_refiner(8, 3)
+    calls = []
+    inner = refiner.denoiser.denoise_fn
+
+    def counting_fn():
+        fn = inner()
+
+        def denoise(x, t_emb, c_emb):
+            calls.append(c_emb.shape[0])
+            return fn(x, t_emb, c_emb)
+
+        return denoise
+
+    refiner.denoiser.denoise_fn = counting_fn
+    action = refiner.sample(torch.randn(4, 3), torch.Generator().manual_seed(0), guidance_scale=w, steps=7)
+    assert calls == [branches] * 7
+    # the action is an ordinary tensor: a critic can be trained on it
+    critic = Critic(3, 8, hidden=8)
+    critic.reward_loss(torch.zeros(4, 3), action, torch.zeros(4)).backward()
+    assert critic.net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_refiner_reproduces_conditional_targets(prediction, schedule):
+    refiner = make_refiner(8, 3, prediction_type=prediction, beta_schedule=schedule)
+    train(refiner, three_targets, steps=300)
+    samples = refiner.sample(CONDS.repeat_interleave(8, 0), torch.Generator().manual_seed(1))
+    error = (samples - TARGETS.repeat_interleave(8, 0)).abs().mean().item()
+    assert error < 0.1, error  # the targets are 0.6 to 1.2 apart per entry
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "unet"])
+def test_ddpm_sampler_and_unet_reproduce_targets(denoiser):
+    overrides = {"sampler": "ddpm"} if denoiser == "mlp" else {"denoiser": "unet", "unet_depth": 2, "hidden": 32,
+                                                               "unet_channels": 16, "unet_max_channels": 32}
+    refiner = make_refiner(8, 3, **overrides)
+    train(refiner, three_targets, steps=300)
+    samples = refiner.sample(CONDS.repeat_interleave(8, 0), torch.Generator().manual_seed(1))
+    error = (samples - TARGETS.repeat_interleave(8, 0)).abs().mean().item()
+    assert error < 0.1, error
+
+
+def test_guidance_scale_moves_samples_along_the_condition():
+    # Two overlapping Gaussian conditionals N(±0.15·1, 0.3²) in D = 4; the unconditional is their mixture (mean 0).
+    mean = torch.full((4,), 0.15)
+
+    def data(gen):
+        sign = torch.randint(0, 2, (128,), generator=gen)
+        x0 = (2 * sign[:, None] - 1) * mean + 0.3 * torch.randn(128, 4, generator=gen)
+        return x0, torch.nn.functional.one_hot(sign, 2).float()
+
+    refiner = make_refiner(4, 2, cond_drop_prob=0.3)
+    train(refiner, data, steps=400)
+    cond = torch.tensor([[0.0, 1.0]]).repeat(800, 1)  # the +0.15 component
+    direction = mean / mean.norm()
+
+    def projection(w):
+        return (refiner.sample(cond, torch.Generator().manual_seed(2), guidance_scale=w) @ direction).mean().item()
+
+    p0, p1, p3 = projection(0.0), projection(1.0), projection(3.0)
+    # Gaussian fixed points of the guided score: 0 at w=0 (the mixture), 0.3 at w=1, ≈0.45 at w=3
+    assert abs(p0) < 0.1, p0
+    assert p1 > p0 + 0.1, (p0, p1)
+    assert p3 > p1 + 0.1, (p1, p3)
+
+
+def two_gaussians(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    sign = torch.randint(0, 2, (128,), generator=gen)
+    x0 = (2 * sign[:, None] - 1) * 0.2 + 0.2 * torch.randn(128, 4, generator=gen)
+    return x0, torch.nn.functional.one_hot(sign, 2).float()
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_kappa_moves_samples_toward_higher_reward(prediction):
+    cond = torch.eye(2).repeat(200, 1)
+    means = []
+    for kappa in (0.0, 1.0):
+        refiner = make_refiner(4, 2, prediction_type=prediction)
+        train(refiner, two_gaussians, steps=200, reward_fn=lambda x0: -x0.mean(-1), kappa=kappa)
+        means.append(refiner.sample(cond, torch.Generator().manual_seed(3)).mean().item())
+    assert means[1] < means[0] - 0.05, means
+
+
+def test_critic_term_pulls_samples_toward_the_critics_optimum():
+    state = torch.zeros(128, 1)
+
+    def critic(s, a):  # a differentiable stand-in for a fitted Q(s, a), best at a = 0.5
+        return -((a - 0.5) ** 2).sum(-1) + 0 * s.sum(-1)
+
+    cond = torch.eye(2).repeat(200, 1)
+    distances = []
+    for kappa in (0.0, 1.0):
+        refiner = make_refiner(4, 2)
+        train(refiner, two_gaussians, steps=150, critic=critic, state=state, kappa=kappa)
+        distances.append((refiner.sample(cond, torch.Generator().manual_seed(3)) - 0.5).abs().mean().item())
+    assert distances[1] < distances[0] - 0.05, distances
+
+
+def test_loss_metrics_and_pure_denoising_without_reward():
+    refiner = make_refiner(8, 3)
+    x0, cond = three_targets(torch.Generator().manual_seed(0))
+    loss, metrics = refiner.loss(x0, cond, torch.Generator().manual_seed(1))
+    assert set(metrics) == {"denoise_loss", "loss"} and metrics["loss"] == pytest.approx(metrics["denoise_loss"])
+    loss, metrics = refiner.loss(x0, cond, torch.Generator().manual_seed(1), reward_fn=lambda x: -x.mean(-1))
+    assert {"reward_term", "reward_fn_mean"} <= set(metrics)
+    loss.backward()
+    assert all(p.grad is not None for p in refiner.denoiser.cond_mlp.parameters())
+    with pytest.raises(ValueError, match="state"):
+        refiner.loss(x0, cond, critic=lambda s, a: a.sum(-1))
+
+
+def test_critic_fits_observed_rewards():
+    torch.manual_seed(0)
+    critic = Critic(state_dim=2, action_dim=4, hidden=32)
+    opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    state, action = torch.randn(256, 2, generator=gen), torch.rand(256, 4, generator=gen) * 2 - 1
+    reward = -((action - 0.5) ** 2).sum(-1) + 0.3 * state[:, 0]
+    first = critic.reward_loss(state, action, reward).item()
+    for _ in range(300):
+        opt.zero_grad()
+        critic.reward_loss(state, action, reward).backward()
+        opt.step()
+    assert critic.reward_loss(state, action, reward).item() < 0.05 * first
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(1, 40), elements=st.floats(allow_nan=True, allow_infinity=True)),
+       st.integers(1, 512))
+def test_decode_ranks_always_gives_valid_integer_ranks(x, r_max):
+    ranks = decode_ranks(torch.from_numpy(x)[None], r_max)
+    assert ranks.dtype == torch.long and ranks.shape == (1, len(x))
+    assert bool(((ranks >= 0) & (ranks <= r_max)).all())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 256), st.lists(st.integers(0, 10**6), min_size=1, max_size=60))
+def test_encode_decode_round_trip(r_max, raw):
+    ranks = torch.tensor([v % (r_max + 1) for v in raw])[None]
+    encoded = encode_ranks(ranks, r_max)
+    assert bool(((encoded > -1) & (encoded < 1)).all())
+    assert torch.equal(decode_ranks(encoded, r_max), ranks)
+
+
+def test_decode_ranks_ends_and_monotone():
+    x = torch.linspace(-1.5, 1.5, 1001)[None]
+    ranks = decode_ranks(x, 8)
+    assert ranks[0, 0] == 0 and ranks[0, -1] == 8
+    assert bool((ranks.diff() >= 0).all()) and set(ranks.unique().tolist()) == set(range(9))
+    assert decode_ranks(torch.tensor([[float("nan")]]), 8).item() == 0
+
+
+@pytest.mark.parametrize(("action_dim", "levels"), [(1, 1), (36, 6), (144, 6)])
+def test_unet_shapes_gradients_and_broadcast(action_dim, levels):
+    torch.manual_seed(0)
+    net = UNet1DDenoiser(action_dim, cond_dim=5, hidden=32, depth=6, kernel=3, channels=8, time_embed_dim=16)
+    assert net.levels == levels and net.padded_dim % 2 ** levels == 0 and net.padded_dim >= action_dim
+    x = torch.randn(3, action_dim, requires_grad=True)
+    t, cond = torch.tensor([0, 50, 99]), torch.randn(3, 5)
+    out = net(x, t, cond, torch.tensor([False, True, False]))
+    assert out.shape == (3, action_dim)
+    out.pow(2).mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    assert net.in_conv.weight.grad.abs().sum() > 0 and net.mid.conv.weight.grad.abs().sum() > 0
+    assert_branches_broadcast(net, action_dim)
+
+
+def test_mlp_denoiser_branches_broadcast():
+    torch.manual_seed(0)
+    assert_branches_broadcast(MLPDenoiser(36, cond_dim=5, hidden=32, blocks=2, time_embed_dim=16), 36)
+
+
+def assert_branches_broadcast(net, action_dim):
+    # denoise(x (B, D), t_emb (E,), c_emb (K, B, E)) equals the stacked (K·B) computation
+    with torch.no_grad():
+        x, cond = torch.randn(2, action_dim), torch.randn(2, 5)
+        t_emb = net.embed_time(torch.tensor([7]))[0]
+        null_mask = torch.tensor([False, False, True, True])
+        c_emb = net.embed_cond(cond.repeat(2, 1), null_mask).reshape(2, 2, -1)
+        branched = net.denoise(x, t_emb, c_emb)
+        stacked = net(x.repeat(2, 1), torch.tensor([7] * 4), cond.repeat(2, 1), null_mask)
+    torch.testing.assert_close(branched, stacked.reshape(2, 2, action_dim), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("field", "value"), [("beta_schedule", "cosine"), ("prediction_type", "x0"),
+                                              ("sampler", "dpm"), ("denoiser", "transformer"), ("unet_kernel", 4),
+                                              ("train_timesteps", 10), ("inference_steps", 2000),
+                                              ("cond_drop_prob", 1.0), ("kappa", -0.1)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(AirloraError, match=f"diffusion.{field}"):
+        DiffusionConfig(**{field: value})
+
+
+def test_config_names_allowed_values_and_guidance_needs_dropout():
+    with pytest.raises(AirloraError, match="'linear', 'squaredcos_cap_v2', 'scaled_linear'"):
+        DiffusionConfig(beta_schedule="cosine")
+    with pytest.raises(AirloraError, match="diffusion.guidance_scale"):
+        DiffusionConfig(cond_drop_prob=0.0, guidance_scale=2.0)
+    DiffusionConfig(cond_drop_prob=0.0, guidance_scale=1.0)
