@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from airlora.batching import ensure_pad_token
 from airlora.errors import AirloraError
 from airlora.ranks import MODULES, rank_key
 
@@ -99,10 +100,9 @@ def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path
         raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token is None:  # OPT has one; Llama-style tokenizers often do not
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(net.config, "pad_token_id", None) is None:
-        net.config.pad_token_id = tokenizer.pad_token_id
+    pad_id = ensure_pad_token(tokenizer)
+    if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
+        net.config.pad_token_id = pad_id
     return net, tokenizer, path
 
 

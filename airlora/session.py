@@ -13,9 +13,10 @@ from torch import nn
 
 from airlora.adapters import AdapterSet
 from airlora.allocators import Allocator, make_allocator
+from airlora.batching import Batch, TrainBatches, eval_batches
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.config import RunConfig
-from airlora.data import Batch, Splits, TrainBatches, eval_batches, load_splits, load_vocabulary, reference_vocabulary
+from airlora.data import Splits, load_splits, load_vocabulary, reference_vocabulary
 from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
 
 

@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from airlora.adapters import forget_momentum
 from airlora.allocators import AllocationContext, StepOutcome
-from airlora.data import Batch
+from airlora.batching import Batch
 from airlora.errors import AirloraError
 from airlora.session import Session
 

@@ -13,16 +13,9 @@ import pytest
 from datasets.data_files import DataFilesDict
 from datasets.packaged_modules.parquet.parquet import Parquet
 
+from airlora.batching import TrainBatches, ensure_pad_token, eval_batches
 from airlora.config import DataConfig
-from airlora.data import (
-    TWEETS_FILE,
-    Splits,
-    TextSplit,
-    TrainBatches,
-    ensure_pad_token,
-    eval_batches,
-    load_splits,
-)
+from airlora.data import TWEETS_FILE, Splits, TextSplit, load_splits
 from airlora.errors import AirloraError
 from airlora.textstats import normalised_lexical_entropy, oov_rate, reference_vocabulary, words
 from tests.test_textstats import byte_level_bpe, minilm_tokenizer

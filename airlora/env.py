@@ -1,0 +1,90 @@
+"""The rank-allocation MDP (paper §III-C) as a Gymnasium environment around a live fine-tuning session.
+
+Letters: D = 6L action dimension (one rank per adapted module), S = 4 + D state dimension.
+
+State s = {SNR, W, H, ρ, r / r_max}, all in [0, 1]; action = the rank vector in {0..r_max}^D; one step =
+project the ranks onto the airtime budget, apply them, run one training batch, reward R = −U − λ·η.
+An episode is ``episode_steps`` steps (15 in the paper) of the same ongoing fine-tuning run: ``reset()``
+starts a new episode and keeps training the same model. ``reset(seed=s)`` restarts the run itself (adapter
+and head values, optimiser, data and SNR stream back to step 0, torch's RNG for dropout seeded with s), so a
+seeded reset followed by the same actions gives the same trajectory, as Gymnasium's checker requires.
+Any Gymnasium agent (e.g. SB3's PPO) can drive it; airlora's own AirLLM allocator uses the same ``state_vector``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from airlora.session import Session
+from airlora.state import state_vector
+from airlora.trainer import FineTuner
+
+
+class RankAllocationEnv(gym.Env):
+    """Each step trains the session's model for one batch with the ranks the agent chose (projected)."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, session: Session, episode_steps: int = 15) -> None:
+        super().__init__()
+        self.session = session
+        self.keys = list(session.module_map.names)
+        self.r_max = session.config.adapter.r_max
+        self.episode_steps = episode_steps
+        self.action_space = spaces.MultiDiscrete(np.full(len(self.keys), self.r_max + 1))
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(4 + len(self.keys),), dtype=np.float32)
+        self.tuner = FineTuner(session)
+        self._start = (session.adapters.state(), {k: p.detach().clone() for k, p in session.head.items()})
+        self.global_step = 0
+        self.episode_step = 0
+        session.model.train()
+
+    def _restart(self, seed: int) -> None:
+        """Back to the run's first step: initial adapter and head values, a fresh optimiser, seeded dropout."""
+        adapter_state, head_state = self._start
+        self.session.adapters.load_state(adapter_state)
+        with torch.no_grad():
+            for name, p in self.session.head.items():
+                p.copy_(head_state[name])
+        self.tuner = FineTuner(self.session)
+        self.global_step = 0
+        torch.manual_seed(seed)
+
+    def _observation(self) -> np.ndarray:
+        s = self.session
+        batch = s.train_batches.batch(self.global_step)
+        ranks = [s.adapters.ranks()[k] for k in self.keys]
+        return state_vector(s.snr.snr_db(self.global_step), s.bandwidth_hz, batch.lexical_entropy,
+                            batch.oov_rate, ranks, self.r_max)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start a new episode; with a ``seed``, restart the fine-tuning run itself (see the module docstring)."""
+        super().reset(seed=seed)
+        if seed is not None:
+            self._restart(seed)
+        self.episode_step = 0
+        return self._observation(), {"global_step": self.global_step}
+
+    def step(self, action: np.ndarray):
+        """Apply the (projected) ranks, train one batch, return (obs, reward, terminated, truncated, info)."""
+        s, cfg = self.session, self.session.config
+        snr_db = s.snr.snr_db(self.global_step)
+        budget = s.budget(snr_db)
+        ranks = budget.project(np.asarray(action, dtype=np.float64))
+        self.tuner.apply(ranks)
+        loss = self.tuner.step(s.train_batches.batch(self.global_step))
+        self.tuner.zero_grad()
+        eta = budget.eta(ranks)
+        reward = -loss - cfg.train.reward_lambda * eta
+        self.global_step += 1
+        self.episode_step += 1
+        terminated = self.global_step >= cfg.train.steps
+        truncated = self.episode_step >= self.episode_steps and not terminated
+        info = {"loss": loss, "eta": eta, "snr_db": snr_db, "airtime_s": budget.airtime_s(ranks),
+                "budget_ok": budget.feasible(ranks), "ranks": ranks}
+        return self._observation(), float(reward), terminated, truncated, info

@@ -1,0 +1,43 @@
+"""The training loop: the paper's early-stop rule, the delivered checkpoint, per-step budget and metrics."""
+
+import csv
+import json
+
+import pytest
+
+from airlora.config import merge
+from airlora.run import run
+from airlora.trainer import reward_converged
+
+
+@pytest.mark.parametrize("lam, reward, expected", [
+    (0.01, -0.49, True), (0.01, -0.51, False),  # small λ: threshold −0.5
+    (1.0, -0.99, True), (1.0, -1.01, False),    # large λ: threshold −λ
+])
+def test_reward_threshold_is_min_of_minus_lambda_and_minus_half(lam, reward, expected):
+    assert reward_converged(reward, lam) is expected
+
+
+def test_summary_reports_the_delivered_best_checkpoint(tiny_config, tmp_path):
+    summary = run(merge(tiny_config, {"train.steps": 9, "train.eval_every": 3}), tmp_path)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == 9 and all(r["budget_ok"] == "True" for r in rows)
+    evaluated = {int(r["step"]): float(r["val_accuracy"]) for r in rows if r["val_accuracy"]}
+    assert sorted(evaluated) == [2, 5, 8]
+    best_step = summary["best_step"]
+    assert evaluated[best_step] == max(evaluated.values()) == summary["val_accuracy"]
+    best_row = rows[best_step]
+    assert int(best_row["total_rank"]) == sum(summary["ranks"].values())
+    assert float(best_row["snr_db"]) == summary["snr_db"]
+    assert int(best_row["transmitted_params"]) == summary["transmitted_params"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["train"]["steps"] == 9
+
+
+def test_early_stop_once_reward_converged_and_no_gain(tiny_config, tmp_path):
+    config = merge(tiny_config, {"train.steps": 40, "train.eval_every": 1, "train.patience": 1,
+                                 "train.reward_lambda": 2.0})
+    summary = run(config, tmp_path)
+    assert summary["stopped_early"] and summary["steps"] < 40
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert len(rows) == summary["steps"]
