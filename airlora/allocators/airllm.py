@@ -15,6 +15,7 @@ gradient instead of one the critic would have to learn; the critic only learns w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
