@@ -1,0 +1,163 @@
+"""Export to PEFT format and the edge's load: round trips at 32/16/8 bits, exact byte accounting, checksums."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from airlora.cli import main
+from airlora.config import load_config, merge
+from airlora.edge import attach, edge_evaluate, verify_delivery
+from airlora.errors import AirloraError
+from airlora.export import RunAdapter, cloud_model, dequantise_int8, export_adapter, quantise_int8
+from airlora.models import load_model
+from tests.tiny_models import save_tiny_bert
+
+
+def make_tiny_task(root):
+    """A tiny BERT checkpoint folder, a 120-row sentiment CSV and a small-batch config; returns their paths."""
+    model = save_tiny_bert(root / "model")
+    data = root / "data.csv"
+    good, bad = ["good", "great", "fun"], ["bad", "awful", "dull"]
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "label"])
+        for i in range(120):
+            writer.writerow([f"the movie was very {(good if i % 2 else bad)[i % 3]}", i % 2])
+    config = root / "config.yaml"
+    config.write_text("data:\n  val_size: 20\n  test_size: 20\n  batch_size: 8\n  eval_batch_size: 16\n"
+                      "train:\n  warmup_steps: 0\n  threads: 1\n  progress: false\n")
+    return model, data, config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short in-process `random` run on a generous link, so ranks differ per module."""
+    from airlora.run import run
+
+    root = tmp_path_factory.mktemp("delivery")
+    model, data, config_file = make_tiny_task(root)
+    config = merge(load_config(config_file), {
+        "model": str(model), "data.source": str(data), "allocator": "random", "adapter.r_max": 4,
+        "train.steps": 6, "train.eval_every": 6, "channel.bandwidth_hz": 1e6, "channel.snr_db": [20.0],
+        "train.lr": 5e-2})
+    threads = torch.get_num_threads()
+    run(config, root / "run")
+    torch.set_num_threads(threads)  # the run set it from its config
+    return root
+
+
+def with_ranks(run_dir, ranks, seed=0):
+    """Rewrite a run's adapter: the given ranks, large random triplets and head, so the adapter moves the logits."""
+    run = RunAdapter(run_dir)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=g) for k, v in run.tensors.items() if k.startswith("head.")}
+    for key, rank in ranks.items():
+        if rank:
+            module = run.module_names[key]
+            d_out, d_in = _shape(run, module)
+            tensors[f"{key}.lora_A"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
+            tensors[f"{key}.lora_B"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
+            tensors[f"{key}.lora_E"] = 2 * torch.randn(rank, 1, generator=g)
+    with safe_open(str(run_dir / "adapter.safetensors"), "pt") as handle:
+        metadata = dict(handle.metadata(), ranks=json.dumps(ranks))
+    save_file(tensors, str(run_dir / "adapter.safetensors"), metadata=metadata)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["transmitted_params"] = sum(t.numel() for t in tensors.values())
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def _shape(run, module):
+    model, _, _ = load_model(run.model_dir)
+    weight = model.get_submodule(module).weight
+    return tuple(weight.shape)
+
+
+@pytest.mark.parametrize("bits, tolerance", [(32, 1e-5), (16, 5e-3), (8, 5e-2)])
+def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bits, tolerance):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run_dir)
+    keys = sorted(RunAdapter(run_dir).ranks)
+    ranks = {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(keys)}
+    with_ranks(run_dir, ranks)
+    manifest = export_adapter(run_dir, bits, tmp_path / "adir")
+
+    run = RunAdapter(run_dir)
+    cloud, tokenizer = cloud_model(run)
+    edge = attach(tmp_path / "adir", manifest, load_model(run.model_dir)[0].eval())
+    inputs = tokenizer(["the film was great fun", "a dull bad movie", "very good"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        want, got = cloud(**inputs).logits, edge(**inputs).logits
+        plain = load_model(run.model_dir)[0].eval()
+        plain.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in run.head.items()})
+        head_only = plain(**inputs).logits
+    scale = want.abs().max()
+    assert (want - head_only).abs().max() > 0.1 * scale  # the adapter matters, so agreement means something
+    assert (got - want).abs().max() < tolerance * scale
+    # PEFT's modules: rank 0 not wrapped at all, the others resized to exactly their rank
+    for key, rank in ranks.items():
+        module = edge.base_model.model.get_submodule(run.module_names[key])
+        if rank == 0:
+            assert not hasattr(module, "lora_A")
+        else:
+            assert module.lora_A["default"].shape[0] == rank == module.lora_E["default"].shape[0]
+    # exact accounting: the parameter tensors are params × b / 8 bytes; the rest of the file is overhead
+    params = run.summary["transmitted_params"]
+    assert manifest["transmitted_params"] == params
+    assert manifest["payload_bytes"] * 8 == params * bits
+    assert manifest["scale_bytes"] == (4 * (3 * sum(1 for r in ranks.values() if r) + 2) if bits == 8 else 0)
+    payload = tmp_path / "adir" / manifest["payload_file"]
+    assert payload.stat().st_size == manifest["header_bytes"] + manifest["payload_bytes"] + manifest["scale_bytes"]
+    config = json.loads((tmp_path / "adir" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["init_r"] == 4
+    assert len(config["target_modules"]) == sum(1 for r in ranks.values() if r)
+
+
+def test_edge_matches_the_cloud_run(finished_run, tmp_path):
+    summary = json.loads((finished_run / "run" / "summary.json").read_text())
+    assert 0 in summary["ranks"].values() or 4 in summary["ranks"].values()  # heterogeneous ranks were delivered
+    export_adapter(finished_run / "run", 32, tmp_path / "a32")
+    result = edge_evaluate(tmp_path / "a32", str(finished_run / "model"))
+    assert result["test_accuracy"] == summary["test_accuracy"] and result["accuracy_drop"] == 0
+    assert result["max_abs_logit_diff"] < 1e-4 and result["checksum_ok"]
+    export_adapter(finished_run / "run", 8, tmp_path / "a8")
+    result8 = edge_evaluate(tmp_path / "a8", str(finished_run / "model"))
+    assert result8["accuracy_drop"] == summary["test_accuracy"] - result8["test_accuracy"]
+    assert result8["payload_bytes"] * 4 == result["payload_bytes"]
+
+
+def test_int8_quantisation_is_within_half_a_step():
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    q, s = quantise_int8(x)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert (dequantise_int8(q, s) - x).abs().max() <= s.item() / 2 + 1e-7
+    q0, s0 = quantise_int8(torch.zeros(3, 2))
+    assert torch.equal(dequantise_int8(q0, s0), torch.zeros(3, 2))
+
+
+def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys):
+    adir = tmp_path / "adir"
+    assert main(["export", str(finished_run / "run"), "--bits", "16", "--out", str(adir)]) == 0
+    out = capsys.readouterr().out
+    assert "payload" in out and "accounted bits" in out and "airtime" in out
+    sha = out.split("sha256 ")[1].split()[0]
+    verify_delivery(adir, sha)  # intact: passes, also against the printed value
+    with pytest.raises(AirloraError, match="--sha256"):
+        verify_delivery(adir, "0" * 64)
+    payload = adir / "adapter_model.safetensors"
+    data = bytearray(payload.read_bytes())
+    data[-5] ^= 0x01  # one bit of one parameter
+    payload.write_bytes(bytes(data))
+    assert main(["edge", str(adir), "--base", str(finished_run / "model")]) == 2
+    captured = capsys.readouterr()
+    assert "checksum mismatch for adapter_model.safetensors" in captured.err and captured.out == ""
+
+
+def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(AirloraError, match="adapter.safetensors"):
+        export_adapter(tmp_path, 32, tmp_path / "out")
+
