@@ -106,16 +106,19 @@ class _EncodedSplit:
 class TrainBatches:
     """Training batches as a pure function of (seed, step), so a resumed run sees exactly the same batches.
 
-    Example position p = step·B + i belongs to epoch p // N and is example perm_epoch[p mod N], where perm_epoch is
-    drawn from ``np.random.default_rng([seed, epoch])``: every example appears exactly once per epoch, and a batch
-    that straddles an epoch boundary takes its tail from the next epoch's permutation.
+    Example position p = step·B + i belongs to epoch p // N and is example order_epoch[p mod N]: every example
+    appears exactly once per epoch, and a batch that straddles an epoch boundary takes its tail from the next
+    epoch's order. order_epoch is a permutation drawn from ``np.random.default_rng([seed, epoch])``, then
+    length-bucketed: cut into chunks of ``bucket_batches``·B examples, each chunk sorted by token length and its
+    batches put back in a random order. Batches then hold sentences of similar length and need little padding
+    (dynamic padding pads to the longest in the batch), while which examples meet in a chunk stays random.
     """
 
     def __init__(self, split: TextSplit, tokenizer: Any, batch_size: int, max_length: int, vocabulary: set[str],
-                 seed: int):
+                 seed: int, bucket_batches: int = 1):
         if len(split) == 0:
             raise ValueError("TrainBatches needs a non-empty split")
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.bucket_batches = batch_size, seed, bucket_batches
         self._encoded = _EncodedSplit(split, tokenizer, max_length, vocabulary)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -127,8 +130,23 @@ class TrainBatches:
         if epoch not in self._permutations:
             if len(self._permutations) >= 2:  # consecutive steps touch at most two epochs
                 self._permutations.pop(min(self._permutations))
-            self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self))
+            if self.bucket_batches > 1:
+                order = self._bucketed(order, rng)
+            self._permutations[epoch] = order
         return self._permutations[epoch]
+
+    def _bucketed(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sort each chunk of ``bucket_batches`` batches by length, then shuffle the batches within it."""
+        b, chunk = self.batch_size, self.batch_size * self.bucket_batches
+        out = []
+        for start in range(0, len(order), chunk):
+            rows = order[start:start + chunk]
+            rows = rows[np.argsort(self._encoded.lengths[rows], kind="stable")]
+            batches = [rows[i:i + b] for i in range(0, len(rows), b)]
+            out += [batches[i] for i in rng.permutation(len(batches))]
+        return np.concatenate(out)
 
     def batch(self, step: int) -> Batch:
         """The batch of training step ``step`` (0-based)."""

@@ -107,6 +107,8 @@ class DataConfig:
     """Longest tokenised sentence; longer ones are truncated."""
     batch_size: int = 32
     """Training batch size (paper: 32)."""
+    bucket_batches: int = 50
+    """Training batches per length-sorting chunk (less padding, same epoch); 1 turns length bucketing off."""
     eval_batch_size: int = 128
     """Batch size for validation and test passes."""
     val_size: int = 1000
@@ -122,6 +124,7 @@ class DataConfig:
         _check(isinstance(self.source, str) and self.source != "", "data.source", "a non-empty string", self.source)
         _check(8 <= self.max_length <= 8192, "data.max_length", "an integer in [8, 8192]", self.max_length)
         _check(self.batch_size >= 1, "data.batch_size", "an integer >= 1", self.batch_size)
+        _check(self.bucket_batches >= 1, "data.bucket_batches", "an integer >= 1", self.bucket_batches)
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", self.eval_batch_size)
         _check(self.val_size >= 1, "data.val_size", "an integer >= 1", self.val_size)
         _check(self.test_size >= 1, "data.test_size", "an integer >= 1", self.test_size)

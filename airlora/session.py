@@ -85,7 +85,8 @@ def build_session(config: RunConfig) -> Session:
     splits = load_splits(config.data, seed)
     vocabulary = load_vocabulary(config.data.vocab_file) if config.data.vocab_file else reference_vocabulary(tokenizer)
     data = config.data
-    train_batches = TrainBatches(splits.train, tokenizer, data.batch_size, data.max_length, vocabulary, seed)
+    train_batches = TrainBatches(splits.train, tokenizer, data.batch_size, data.max_length, vocabulary, seed,
+                                 data.bucket_batches)
     val_batches = eval_batches(splits.validation, tokenizer, data.eval_batch_size, data.max_length)
     test_batches = eval_batches(splits.test, tokenizer, data.eval_batch_size, data.max_length)
 

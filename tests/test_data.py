@@ -320,6 +320,19 @@ def test_every_example_once_per_epoch(split, tokenizer):
     assert np.array_equal(order[1], np.random.default_rng([0, 1]).permutation(n))
 
 
+def test_length_buckets_keep_the_epoch_and_cut_padding(split, tokenizer):
+    n, b = len(split), 4
+    plain = TrainBatches(split, tokenizer, b, 64, set(), seed=0)
+    bucketed = TrainBatches(split, tokenizer, b, 64, set(), seed=0, bucket_batches=3)
+    steps = -(-n // b)
+    order = np.concatenate([bucketed.batch(s).indices for s in range(steps)])[:n]
+    assert sorted(order.tolist()) == list(range(n))  # still every example exactly once per epoch
+    chunk = b * 3  # each chunk holds the same examples as the plain permutation's chunk, only reordered
+    assert set(order[:chunk].tolist()) == set(np.random.default_rng([0, 0]).permutation(n)[:chunk].tolist())
+    width = sum(bucketed.batch(s).inputs["input_ids"].shape[1] for s in range(steps))
+    assert width < sum(plain.batch(s).inputs["input_ids"].shape[1] for s in range(steps))
+
+
 def test_batch_is_padded_to_its_longest_sentence(split, tokenizer):
     batch = TrainBatches(split, tokenizer, 6, 64, {"the", "film"}, seed=1).batch(2)
     sentences = [split.sentences[i] for i in batch.indices]
