@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,14 +62,13 @@ class SVDLinear(nn.Module):
         """Activate the ``rank`` triplets with the largest |λ|; return the indices just deactivated, if any."""
         if rank == self.rank:
             return None
-        order = torch.sort(self.lam.detach().abs(), descending=True, stable=True).indices
-        active = torch.sort(order[:rank]).values
-        was = torch.zeros(self.r_max, dtype=torch.bool)
-        was[self.active] = True
-        was[active] = False
-        self.active, self.rank = active, rank
-        cut = was.nonzero().flatten()
-        return cut if cut.numel() else None
+        # numpy on the CPU copy of λ: at R ≤ a few hundred this is several times cheaper than torch ops, and the
+        # trainer calls it for every module at every rank change
+        magnitude = np.abs(self.lam.detach().cpu().numpy())
+        active = np.sort(np.argsort(-magnitude, kind="stable")[:rank])
+        cut = np.setdiff1d(self.active.cpu().numpy(), active, assume_unique=True)
+        self.active, self.rank = torch.from_numpy(active).to(self.lam.device), rank
+        return torch.from_numpy(cut).to(self.lam.device) if cut.size else None
 
     def active_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(P_a (d_out, r), λ_a (r,), Q_a (r, d_in)) of the active triplets."""

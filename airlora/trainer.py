@@ -170,7 +170,9 @@ def train(session: Session) -> TrainResult:
             val_acc = evaluate(session, session.val_batches)
             timings["eval_s"] += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
-            if best is None or val_acc > best.val_accuracy:
+            if step < allocator.first_deliverable_step and not last:
+                pass  # not a candidate for delivery yet, and not counted towards early stopping
+            elif best is None or val_acc > best.val_accuracy:
                 best = Checkpoint(step, val_acc, snr_db, adapters.state(),
                                   {k: p.detach().clone() for k, p in session.head.items()})
                 evals_without_gain = 0

@@ -5,6 +5,7 @@ import csv
 import pytest
 
 from airlora.config import RunConfig, from_dict
+from airlora.policy.threads import single_thread
 from tests.tiny_models import save_tiny_bert
 
 
@@ -23,8 +24,15 @@ def tiny_files(tmp_path_factory):
             writer.writerow([f"the movie was very {word}", i % 2])
     config = root / "config.yaml"
     config.write_text("data:\n  val_size: 20\n  test_size: 20\n  batch_size: 8\n  eval_batch_size: 16\n"
-                      "train:\n  warmup_steps: 0\n")
+                      "train:\n  warmup_steps: 0\n  threads: 1\n  progress: false\n")
     return model, data, config
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks on one thread: OpenMP hand-offs between two threads cost far more than their maths."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture
@@ -36,5 +44,5 @@ def tiny_config(tiny_files):
         "data": {"source": str(data), "val_size": 20, "test_size": 20, "batch_size": 8, "eval_batch_size": 16},
         "channel": {"snr_db": [-5.0, 5.0], "bandwidth_hz": 2e4},
         "adapter": {"r_max": 4},
-        "train": {"steps": 6, "eval_every": 3, "warmup_steps": 0, "progress": False},
+        "train": {"steps": 6, "eval_every": 3, "warmup_steps": 0, "threads": 1, "progress": False},
     })

@@ -128,12 +128,10 @@ def test_default_target_is_the_largest_adapter_that_fits_the_lowest_snr():
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
+def cli_runs(tmp_path_factory, tiny_files):
     """Three short runs through the CLI entry point (in process: a subprocess costs seconds of imports each)."""
-    from tests.test_delivery import make_tiny_task
-
     root = tmp_path_factory.mktemp("adalora_cli")
-    model, data, config = make_tiny_task(root)
+    model, data, config = tiny_files
     base = ["run", "--config", config, "--model", model, "--data", data, "--r-max", 4, "--quiet"]
     threads = torch.get_num_threads()
     # uniform on a tight link sets the target; adalora matches it on a link where everything fits, evaluating only

@@ -1,6 +1,5 @@
 """Export to PEFT format and the edge's load: round trips at 32/16/8 bits, exact byte accounting, checksums."""
 
-import csv
 import json
 import shutil
 
@@ -15,32 +14,15 @@ from airlora.edge import attach, edge_evaluate, verify_delivery
 from airlora.errors import AirloraError
 from airlora.export import RunAdapter, cloud_model, dequantise_int8, export_adapter, quantise_int8
 from airlora.models import load_model
-from tests.tiny_models import save_tiny_bert
-
-
-def make_tiny_task(root):
-    """A tiny BERT checkpoint folder, a 120-row sentiment CSV and a small-batch config; returns their paths."""
-    model = save_tiny_bert(root / "model")
-    data = root / "data.csv"
-    good, bad = ["good", "great", "fun"], ["bad", "awful", "dull"]
-    with data.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sentence", "label"])
-        for i in range(120):
-            writer.writerow([f"the movie was very {(good if i % 2 else bad)[i % 3]}", i % 2])
-    config = root / "config.yaml"
-    config.write_text("data:\n  val_size: 20\n  test_size: 20\n  batch_size: 8\n  eval_batch_size: 16\n"
-                      "train:\n  warmup_steps: 0\n  threads: 1\n  progress: false\n")
-    return model, data, config
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, tiny_files):
     """A short in-process `random` run on a generous link, so ranks differ per module."""
     from airlora.run import run
 
     root = tmp_path_factory.mktemp("delivery")
-    model, data, config_file = make_tiny_task(root)
+    model, data, config_file = tiny_files
     config = merge(load_config(config_file), {
         "model": str(model), "data.source": str(data), "allocator": "random", "adapter.r_max": 4,
         "train.steps": 6, "train.eval_every": 6, "channel.bandwidth_hz": 1e6, "channel.snr_db": [20.0],

@@ -28,13 +28,7 @@ PREDICTIONS = ["epsilon", "v_prediction", "sample"]
 SCHEDULES = ["linear", "squaredcos_cap_v2", "scaled_linear"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks: OpenMP hand-offs between two threads cost far more than the maths.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_refiner(action_dim: int, cond_dim: int, seed: int = 0, **overrides) -> DiffusionRefiner:

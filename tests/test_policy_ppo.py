@@ -12,14 +12,7 @@ from airlora.errors import AirloraError
 from airlora.policy.config import PPOConfig
 from airlora.policy.ppo import PPO, compute_gae
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks: OpenMP hand-offs between two threads cost far more than the maths (25x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gae_hand_worked_with_a_done_in_the_middle():

@@ -41,3 +41,12 @@ def test_early_stop_once_reward_converged_and_no_gain(tiny_config, tmp_path):
     assert summary["stopped_early"] and summary["steps"] < 40
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert len(rows) == summary["steps"]
+
+
+def test_adalora_delivers_only_its_final_allocation(tiny_config, tmp_path):
+    config = merge(tiny_config, {"allocator": "adalora", "train.steps": 10, "train.eval_every": 2})
+    summary = run(config, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    final_phase = 10 - round(0.2 * 10)  # steps − tfinal (adalora.tfinal_share 0.2)
+    assert summary["best_step"] >= final_phase
+    assert int(rows[summary["best_step"]]["total_rank"]) == sum(summary["ranks"].values())

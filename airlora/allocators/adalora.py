@@ -157,6 +157,8 @@ class AdaLoraAllocator(Allocator):
         self.settings = config.adalora
         self.total_step = config.train.steps
         self.tinit, self.tfinal = schedule_steps(self.total_step, self.settings)
+        # Deliver only AdaLoRA's final allocation, so its adapter is the size its target says (equal-bits runs).
+        self.first_deliverable_step = self.total_step - self.tfinal
         self.r_max = config.adapter.r_max
         self.target_params: int | None = None
         """Adapter parameters (head excluded) of the final allocation; set at the first decision."""

@@ -15,7 +15,6 @@ gradient instead of one the critic would have to learn; the critic only learns w
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -28,22 +27,12 @@ from airlora.config import RunConfig
 from airlora.errors import AirloraError
 from airlora.policy.diffusion import Critic, DiffusionRefiner, decode_ranks, encode_ranks, make_denoiser
 from airlora.policy.ppo import PPO, compute_gae
+from airlora.policy.threads import single_thread
 from airlora.ranks import RankMap
 from airlora.state import state_vector
 
 POLICY_FILE = "policy.pt"
 METRICS_FILE = "policy_metrics.csv"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run the policy's small networks on one thread: at this size a second thread only adds sync cost (~5x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class AirLLMAllocator(Allocator):
@@ -97,7 +86,7 @@ class AirLLMAllocator(Allocator):
         self.ready = True
 
     def allocate(self, ctx: AllocationContext) -> RankMap:
-        with one_thread():
+        with single_thread():
             return self._allocate(ctx)
 
     def _allocate(self, ctx: AllocationContext) -> RankMap:
@@ -107,8 +96,6 @@ class AirLLMAllocator(Allocator):
         ranks_now = [ctx.ranks[k] for k in self.keys]
         state = torch.from_numpy(state_vector(ctx.snr_db, ctx.bandwidth_hz, ctx.lexical_entropy, ctx.oov_rate,
                                               ranks_now, self.r_max))[None]  # (1, S)
-        if len(self.episode) == self.policy_cfg.episode_steps:
-            self._end_episode(state)  # s_T is known now: bootstrap V(s_T) for the truncated episode
         coarse, logprob, value = (self.ppo.act(state, self.generator) if self.ppo
                                   else (torch.zeros(1, 0), torch.zeros(1), torch.zeros(1)))
         if self.refiner is not None:
@@ -135,8 +122,16 @@ class AirLLMAllocator(Allocator):
         self.buffer["capacity"][i] = step["capacity"]
         self.buffer_pos = (i + 1) % self.policy_cfg.buffer_size
         self.buffer_len = min(self.buffer_len + 1, self.policy_cfg.buffer_size)
+        if len(self.episode) == self.policy_cfg.episode_steps:
+            with single_thread():
+                self._end_episode()
 
-    def _end_episode(self, next_state: torch.Tensor) -> None:
+    def _end_episode(self) -> None:
+        """Algorithm 1's learning phase: PPO on the finished episode, then the refiner on the shared buffer.
+
+        The episode's end is terminal (Algorithm 1's episodes have a fixed length T_env), so learning runs as soon
+        as its last reward is in, in ``observe``, and never delays a decision.
+        """
         ep, pc = self.episode, self.policy_cfg
         self.episode = []
         rewards = torch.tensor([s["reward"] for s in ep])
@@ -144,8 +139,9 @@ class AirLLMAllocator(Allocator):
         t0 = time.perf_counter()
         if self.ppo is not None:
             values = torch.tensor([s["value"] for s in ep])
-            adv, ret = compute_gae(rewards, values, torch.zeros(len(ep)), self.ppo.evaluate(next_state)[0],
-                                   pc.ppo.gamma, pc.ppo.gae_lambda)
+            dones = torch.zeros(len(ep))
+            dones[-1] = 1.0
+            adv, ret = compute_gae(rewards, values, dones, 0.0, pc.ppo.gamma, pc.ppo.gae_lambda)
             stats = self.ppo.update(torch.stack([s["state"] for s in ep]), torch.stack([s["coarse"] for s in ep]),
                                     torch.tensor([s["logprob"] for s in ep]), adv, ret, values)
             row.update({f"ppo_{k}": v for k, v in stats.items()})

@@ -62,6 +62,8 @@ class Allocator:
     """Base class: subclasses set ``name`` and implement ``allocate``; ``observe`` is optional."""
 
     name: str = ""
+    first_deliverable_step: int = 0
+    """Checkpoints before this step are not delivered (an allocator whose final ranks come late, like AdaLoRA)."""
 
     def __init__(self, config: RunConfig, seed: int) -> None:
         self.config = config
