@@ -131,6 +131,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "mean_step_s": float(np.mean(step_s)),
         "mean_decision_s": float(np.mean(decision_s)),
         "decision_overhead_ratio": float(np.mean(decision_s) / np.mean(step_s)),
+        "mean_apply_s": float(np.mean([r["apply_s"] for r in rows])),
         "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
         "eval_s": result.timings["eval_s"],
         "wall_s": wall_s,

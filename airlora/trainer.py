@@ -25,7 +25,8 @@ from airlora.session import Session
 
 METRIC_COLUMNS = [
     "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "airtime_s",
-    "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "update_s",
+    "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "apply_s",
+    "update_s",
 ]
 
 
@@ -132,16 +133,17 @@ def train(session: Session) -> TrainResult:
         batch = session.train_batches.batch(step)
         nothing_fits_steps += budget.nothing_fits()
 
-        # 2. ranks: allocator decision, projected onto the budget, applied
+        # 2. ranks: the allocator's decision, then projected onto the budget and applied to the adapters
         t0 = time.perf_counter()
+        proposed = ranks
         if step % cfg.train.allocate_every == 0:
             ctx = AllocationContext(step, snr_db, budget, batch.lexical_entropy, batch.oov_rate, ranks,
                                     session.bandwidth_hz)
-            ranks = budget.project(allocator.allocate(ctx))
-        elif not budget.feasible(ranks):  # the SNR fell between decisions: never train on ranks that break it
-            ranks = budget.project(ranks)
-        tuner.apply(ranks)
+            proposed = allocator.allocate(ctx)
         decision_s = time.perf_counter() - t0
+        ranks = budget.project(proposed)  # never train on, or deliver, ranks that break this step's budget
+        tuner.apply(ranks)
+        apply_s = time.perf_counter() - t0 - decision_s
 
         # 3. one training step; the allocator sees it before the gradients are dropped
         t1 = time.perf_counter()
@@ -160,7 +162,7 @@ def train(session: Session) -> TrainResult:
             "transmitted_params": budget.params(ranks), "airtime_s": budget.airtime_s(ranks),
             "lexical_entropy": batch.lexical_entropy, "oov_rate": batch.oov_rate,
             "budget_ok": budget.feasible(ranks), "val_accuracy": "", "step_s": step_s, "decision_s": decision_s,
-            "update_s": update_s,
+            "apply_s": apply_s, "update_s": update_s,
         }
 
         # 4. evaluation, best checkpoint, the paper's early-stop rule
