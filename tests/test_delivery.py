@@ -99,15 +99,15 @@ def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bi
     assert len(config["target_modules"]) == sum(1 for r in ranks.values() if r)
 
 
-def test_edge_matches_the_cloud_run(finished_run, tmp_path):
+def test_edge_matches_the_cloud_run(finished_run, tmp_path, tiny_files):
     summary = json.loads((finished_run / "run" / "summary.json").read_text())
     assert 0 in summary["ranks"].values() or 4 in summary["ranks"].values()  # heterogeneous ranks were delivered
     export_adapter(finished_run / "run", 32, tmp_path / "a32")
-    result = edge_evaluate(tmp_path / "a32", str(finished_run / "model"))
+    result = edge_evaluate(tmp_path / "a32", str(tiny_files[0]))
     assert result["test_accuracy"] == summary["test_accuracy"] and result["accuracy_drop"] == 0
     assert result["max_abs_logit_diff"] < 1e-4 and result["checksum_ok"]
     export_adapter(finished_run / "run", 8, tmp_path / "a8")
-    result8 = edge_evaluate(tmp_path / "a8", str(finished_run / "model"))
+    result8 = edge_evaluate(tmp_path / "a8", str(tiny_files[0]))
     assert result8["accuracy_drop"] == summary["test_accuracy"] - result8["test_accuracy"]
     assert result8["payload_bytes"] * 4 == result["payload_bytes"]
 
@@ -121,7 +121,7 @@ def test_int8_quantisation_is_within_half_a_step():
     assert torch.equal(dequantise_int8(q0, s0), torch.zeros(3, 2))
 
 
-def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys):
+def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys, tiny_files):
     adir = tmp_path / "adir"
     assert main(["export", str(finished_run / "run"), "--bits", "16", "--out", str(adir)]) == 0
     out = capsys.readouterr().out
@@ -134,7 +134,7 @@ def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys):
     data = bytearray(payload.read_bytes())
     data[-5] ^= 0x01  # one bit of one parameter
     payload.write_bytes(bytes(data))
-    assert main(["edge", str(adir), "--base", str(finished_run / "model")]) == 2
+    assert main(["edge", str(adir), "--base", str(tiny_files[0])]) == 2
     captured = capsys.readouterr()
     assert "checksum mismatch for adapter_model.safetensors" in captured.err and captured.out == ""
 
