@@ -133,6 +133,6 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "decision_overhead_ratio": float(np.mean(decision_s) / np.mean(step_s)),
         "mean_apply_s": float(np.mean([r["apply_s"] for r in rows])),
         "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
-        "eval_s": result.timings["eval_s"],
+        "eval_s": result.eval_s,
         "wall_s": wall_s,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,8 @@ class TrainResult:
     steps_run: int
     stopped_early: bool
     nothing_fits_steps: int
-    timings: dict[str, float] = field(default_factory=dict)
+    eval_s: float
+    """Seconds spent in validation passes."""
 
 
 def evaluate(session: Session, batches: list[Batch]) -> float:
@@ -122,7 +123,7 @@ def train(session: Session) -> TrainResult:
     best: Checkpoint | None = None
     evals_without_gain, rewards_since_eval, nothing_fits_steps = 0, [], 0
     stopped_early = False
-    timings = {"eval_s": 0.0}
+    eval_s = 0.0
     ranks = adapters.ranks()
     bar = tqdm(range(cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
                dynamic_ncols=True)
@@ -170,15 +171,15 @@ def train(session: Session) -> TrainResult:
         if (step + 1) % cfg.train.eval_every == 0 or last:
             t2 = time.perf_counter()
             val_acc = evaluate(session, session.val_batches)
-            timings["eval_s"] += time.perf_counter() - t2
+            eval_s += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
-            if step < allocator.first_deliverable_step and not last:
-                pass  # not a candidate for delivery yet, and not counted towards early stopping
-            elif best is None or val_acc > best.val_accuracy:
+            # checkpoints before the allocator's first deliverable step are neither delivered nor counted
+            candidate = step >= allocator.first_deliverable_step or last
+            if candidate and (best is None or val_acc > best.val_accuracy):
                 best = Checkpoint(step, val_acc, snr_db, adapters.state(),
                                   {k: p.detach().clone() for k, p in session.head.items()})
                 evals_without_gain = 0
-            else:
+            elif candidate:
                 evals_without_gain += 1
             converged = reward_converged(float(np.mean(rewards_since_eval)), cfg.train.reward_lambda)
             rewards_since_eval = []
@@ -192,7 +193,7 @@ def train(session: Session) -> TrainResult:
             break
     bar.close()
     assert best is not None  # the last step always evaluates
-    return TrainResult(rows, best, adapters.ranks(), len(rows), stopped_early, nothing_fits_steps, timings)
+    return TrainResult(rows, best, adapters.ranks(), len(rows), stopped_early, nothing_fits_steps, eval_s)
 
 
 def restore(session: Session, checkpoint: Checkpoint) -> None:
