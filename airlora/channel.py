@@ -139,6 +139,25 @@ def _canonical(key: str) -> tuple[int, int]:
     return layer, MODULES.index(module)
 
 
+def airtime_of_params_s(params: int, bits_per_param: int, capacity_bps: float) -> float:
+    """The one airtime expression, (P·b)/C: every airtime and feasibility figure goes through here."""
+    return (params * bits_per_param) / capacity_bps
+
+
+def param_cap(bits_per_param: int, capacity_bps: float, t_max_s: float) -> int:
+    """Largest parameter count P whose airtime (P·b)/C is within T_max, by that same float expression.
+
+    Airtime is monotone in P, so "params ≤ cap" is the feasibility test in exact integers, which lets the
+    projection and the allocators work on integer sums.
+    """
+    cap = int(t_max_s * capacity_bps // bits_per_param)
+    while cap > 0 and airtime_of_params_s(cap, bits_per_param, capacity_bps) > t_max_s:
+        cap -= 1
+    while airtime_of_params_s(cap + 1, bits_per_param, capacity_bps) <= t_max_s:
+        cap += 1
+    return cap
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make generated __eq__/__hash__ ill-defined
 class Budget:
     """The airtime budget of one step: Σ_m r_m·cost_m·b / C + reserved ≤ T_max, 0 ≤ r ≤ r_max."""
@@ -176,15 +195,7 @@ class Budget:
         ):
             if not ok:
                 raise AirloraError(f"budget {name} = {getattr(self, name)!r} is not allowed; expected {allowed}")
-        # Largest total parameter count whose airtime (the exact float expression of airtime_s) is within
-        # T_max. Airtime is monotone in the count, so "params ≤ cap" is that same test in exact integers,
-        # which lets the projection work on integer sums. Counts above the full adapter never occur.
-        full = self.r_max * int(costs.sum()) + self.reserved_params
-        lo, hi = 0, full + 1  # seconds(lo) ≤ T_max (0 s); hi is a sentinel
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._seconds(mid) <= self.t_max_s else (lo, mid)
-        object.__setattr__(self, "_param_cap", lo)
+        object.__setattr__(self, "_param_cap", param_cap(self.bits_per_param, self.capacity_bps, self.t_max_s))
 
     @classmethod
     def for_model(cls, shapes: dict[str, tuple[int, int]], r_max: int, bits_per_param: int, capacity_bps: float,
@@ -195,8 +206,11 @@ class Budget:
         return cls(tuple(keys), costs, r_max, bits_per_param, capacity_bps, t_max_s, reserved_params)
 
     def _seconds(self, params: int) -> float:
-        # The one airtime expression: every airtime and feasibility figure goes through here.
-        return (params * self.bits_per_param) / self.capacity_bps
+        return airtime_of_params_s(params, self.bits_per_param, self.capacity_bps)
+
+    def room(self, ranks: RanksLike) -> int:
+        """Parameters that can still be added to ``ranks`` within the budget (negative when already over)."""
+        return self._param_cap - self.params(ranks)
 
     def _raw(self, ranks: RanksLike, what: str = "ranks") -> np.ndarray:
         """Values in key order as float64 (M,), from a mapping with exactly our keys or an (M,) array."""

@@ -9,8 +9,8 @@ import torch
 
 from airlora.adapters import AdapterSet, forget_momentum
 from airlora.allocators import AllocationContext, StepOutcome
-from airlora.allocators.adalora import AdaLoraAllocator, param_cap, schedule_steps
-from airlora.channel import Budget, capacity_bps
+from airlora.allocators.adalora import AdaLoraAllocator, schedule_steps
+from airlora.channel import Budget, capacity_bps, param_cap
 from airlora.cli import main
 from airlora.config import AdaLoraSettings, AdapterConfig, RunConfig, TrainConfig
 from airlora.models import head_parameters, resolve_modules

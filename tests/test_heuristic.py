@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from airlora.allocators import AllocationContext
-from airlora.allocators.adalora import TripletSensitivity, param_cap
+from airlora.allocators.adalora import TripletSensitivity
 from airlora.allocators.heuristic import HeuristicAllocator, greedy_fill
-from airlora.channel import Budget
+from airlora.channel import Budget, param_cap
 from airlora.config import AdapterConfig, RunConfig, TrainConfig
 from tests.test_adalora import drive, tiny_task
 

@@ -46,7 +46,7 @@ from torch import nn
 
 from airlora.adapters import SVDLinear
 from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
-from airlora.channel import Budget, SnrSchedule, capacity_bps
+from airlora.channel import SnrSchedule, capacity_bps, param_cap
 from airlora.config import AdaLoraSettings, RunConfig
 from airlora.errors import AirloraError
 from airlora.models import FAMILIES, resolve_modules
@@ -57,16 +57,6 @@ if TYPE_CHECKING:
 
 ADAPTER = "default"
 """PEFT's adapter name, under which SVDLinear stores its triplets."""
-
-
-def param_cap(bits_per_param: int, capacity_bps: float, t_max_s: float) -> int:
-    """Largest parameter count P with airtime (P·b)/C <= T_max, by the same float expression as ``Budget``."""
-    cap = int(t_max_s * capacity_bps // bits_per_param)
-    while cap > 0 and (cap * bits_per_param) / capacity_bps > t_max_s:
-        cap -= 1
-    while ((cap + 1) * bits_per_param) / capacity_bps <= t_max_s:
-        cap += 1
-    return cap
 
 
 def adapter_keys(model: nn.Module, target_modules: dict[str, str] | None = None) -> dict[str, str]:
@@ -240,8 +230,3 @@ class AdaLoraAllocator(Allocator):
             self.rank_pattern = self.sensitivity.peft.mask_to_budget(model, keep)
         else:
             self.rank_pattern = {f"{name}.lora_E.{ADAPTER}": [True] * self.r_max for name in self.sensitivity.keys}
-
-
-def budget_room(budget: Budget, ranks: RankMap) -> int:
-    """Parameters that can still be added to ``ranks`` within ``budget`` (negative when it is already over)."""
-    return param_cap(budget.bits_per_param, budget.capacity_bps, budget.t_max_s) - budget.params(ranks)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from airlora.allocators.adalora import TripletSensitivity, budget_room
+from airlora.allocators.adalora import TripletSensitivity
 from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
 from airlora.channel import Budget
 from airlora.config import RunConfig
@@ -31,7 +31,7 @@ def greedy_fill(budget: Budget, base: RankMap, values: Mapping[str, np.ndarray] 
     Returns ``base`` projected onto the budget if it does not fit.
     """
     r = budget.vector(base)  # (M,)
-    room = budget_room(budget, base)
+    room = budget.room(base)
     if room < 0 or np.any(r > budget.r_max):
         return budget.project(base)
     values = values or {}
