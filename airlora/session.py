@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class Session:
     bandwidth_is_scale_matched: bool
     snr: SnrSchedule
     allocator: Allocator
+    _budgets: dict[float, Budget] = field(default_factory=dict, repr=False)
 
     @property
     def head_params(self) -> int:
@@ -54,9 +55,11 @@ class Session:
         return count_parameters(self.head)
 
     def budget(self, snr_db: float) -> Budget:
-        """The airtime budget at ``snr_db`` (head parameters reserved first)."""
+        """The airtime budget at ``snr_db`` (head parameters reserved first); built once per SNR value."""
+        if snr_db in self._budgets:
+            return self._budgets[snr_db]
         ch = self.config.channel
-        return Budget.for_model(
+        budget = self._budgets[snr_db] = Budget.for_model(
             self.module_map.shapes,
             r_max=self.config.adapter.r_max,
             bits_per_param=ch.bits_per_param,
@@ -64,6 +67,7 @@ class Session:
             t_max_s=ch.t_max_s,
             reserved_params=self.head_params,
         )
+        return budget
 
     def paper_params(self, ranks: dict[str, int]) -> int:
         """The paper's count Σ r·(2·d_h + 1) plus the head (exact only for square matrices)."""
