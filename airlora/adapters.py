@@ -96,7 +96,7 @@ class SVDLinear(nn.Module):
         if self.rank == 0:
             return self.lam.new_zeros(())
         P, _, Q = self.active_factors()
-        eye = torch.eye(self.rank, dtype=P.dtype)
+        eye = torch.eye(self.rank, dtype=P.dtype, device=P.device)
         return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
 
 

@@ -154,6 +154,8 @@ class TrainConfig:
     """Early stop after this many evaluations without a validation gain, once the reward has converged."""
     seed: int = 42
     """Seed for data split, initialisation, SNR draws and allocators (paper: 42)."""
+    device: str = "auto"
+    """Torch device for the model: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     threads: int | None = None
     """Torch intra-op threads; None uses every core."""
     progress: bool = True
@@ -169,6 +171,8 @@ class TrainConfig:
         _check(self.allocate_every >= 1, "train.allocate_every", "an integer >= 1", self.allocate_every)
         _check(self.eval_every >= 1, "train.eval_every", "an integer >= 1", self.eval_every)
         _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
+               "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
 
 

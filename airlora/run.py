@@ -51,8 +51,8 @@ def write_adapter(session: Session, path: Path) -> None:
     Tensors: ``{key}.lora_A`` (r, d_in) = Q_a, ``{key}.lora_B`` (d_out, r) = P_a, ``{key}.lora_E`` (r, 1) = λ_a,
     and ``head.{name}``. Metadata (strings): ranks, module names, scaling, r_max, model folder.
     """
-    tensors = session.adapters.active_tensors()
-    tensors.update({f"head.{name}": p.detach().contiguous() for name, p in session.head.items()})
+    tensors = {k: t.cpu() for k, t in session.adapters.active_tensors().items()}
+    tensors.update({f"head.{name}": p.detach().cpu().contiguous() for name, p in session.head.items()})
     first = next(iter(session.adapters.modules.values()))
     metadata = {
         "format": "airlora-svd-adapter/1",

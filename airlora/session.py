@@ -17,6 +17,7 @@ from airlora.batching import Batch, TrainBatches, eval_batches
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.config import RunConfig
 from airlora.data import Splits, load_splits, load_vocabulary, reference_vocabulary
+from airlora.errors import AirloraError
 from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
 
 
@@ -25,6 +26,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when it is there; asking for CUDA on a machine without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AirloraError(f"train.device = {name!r} but this machine has no CUDA device; use 'auto' or 'cpu'")
+    return torch.device(name)
 
 
 @dataclass
@@ -47,6 +57,7 @@ class Session:
     bandwidth_is_scale_matched: bool
     snr: SnrSchedule
     allocator: Allocator
+    device: torch.device
     _budgets: dict[float, Budget] = field(default_factory=dict, repr=False)
 
     @property
@@ -82,6 +93,8 @@ def build_session(config: RunConfig) -> Session:
     model, tokenizer, model_dir = load_model(config.model)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
+    device = resolve_device(config.train.device)
+    model.to(device)
     head = head_parameters(model, module_map)
     for p in head.values():
         p.requires_grad_(True)
@@ -101,5 +114,5 @@ def build_session(config: RunConfig) -> Session:
         adapters=adapters, head=head, splits=splits, vocabulary=vocabulary, train_batches=train_batches,
         val_batches=val_batches, test_batches=test_batches, bandwidth_hz=float(bandwidth),
         bandwidth_is_scale_matched=scale_matched, snr=SnrSchedule(config.channel, seed),
-        allocator=make_allocator(config),
+        allocator=make_allocator(config), device=device,
     )

@@ -63,6 +63,7 @@ def evaluate(session: Session, batches: list[Batch]) -> float:
     correct = total = 0
     with torch.inference_mode():
         for batch in batches:
+            batch = batch.to(session.device)
             logits = model(**batch.inputs).logits
             correct += int((logits.argmax(-1) == batch.labels).sum())
             total += int(batch.labels.numel())
@@ -98,6 +99,7 @@ class FineTuner:
     def step(self, batch: Batch) -> float:
         """Forward, backward and optimiser step on one batch; gradients stay until ``zero_grad``."""
         cfg, model = self.session.config, self.session.model
+        batch = batch.to(self.session.device)
         loss = model(**batch.inputs, labels=batch.labels).loss
         weight = cfg.adapter.orth_reg_weight
         (loss + weight * self.session.adapters.orthogonality() if weight else loss).backward()

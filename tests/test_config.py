@@ -69,3 +69,21 @@ def test_merge_overrides_and_revalidates():
 def test_int_accepted_for_float_fields():
     assert ChannelConfig(t_max_s=2).t_max_s == 2
     assert from_dict(TrainConfig, {"lr": 1}).lr == 1.0
+
+
+def test_device_names_are_checked():
+    with pytest.raises(AirloraError, match="train.device"):
+        TrainConfig(device="gpu")
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    import torch
+
+    from airlora.session import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(AirloraError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -113,7 +113,7 @@ class TripletSensitivity:
                 out[key] = np.zeros(self.modules[name].r_max)
                 continue
             score = lam.view(-1) + q.mean(dim=1) + p.mean(dim=0)  # (R,): λ_j + row j of Q + column j of P
-            out[key] = score.double().numpy()
+            out[key] = score.double().cpu().numpy()
         return out
 
 
