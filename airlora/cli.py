@@ -1,4 +1,4 @@
-"""Command line: ``airlora run``, ``airlora channel``, ``airlora export`` and ``airlora edge``.
+"""Command line: ``airlora run``, ``channel``, ``export``, ``edge``, ``sweep`` and ``report``.
 
 User errors print one line ``airlora: error: …`` and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for the PEFT adapter and its delivery manifest")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
 
+    sweep = sub.add_parser("sweep", help="run a grid of runs from a sweep file (resumable); writes results.jsonl")
+    sweep.add_argument("sweep_file", help="sweep YAML/JSON, e.g. configs/smoke.yaml")
+    sweep.add_argument("--out", required=True, help="folder for plan.json, runs/ and results.jsonl")
+    sweep.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local process pool (default) or Ray tasks")
+    sweep.add_argument("--workers", type=int, help="runs at once (default: the file's, else one per core)")
+    sweep.add_argument("--address", help="ray: address of an existing cluster (default: start a local one)")
+    sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                       help="override a base config value for every run, e.g. --set train.steps=50 (repeatable)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    report = sub.add_parser("report", help="tables, figures and the claims table of a sweep, as report.md")
+    report.add_argument("sweep_dir", help="the --out folder of `airlora sweep`")
+    report.add_argument("--out", help="folder for report.md and figures/ (default: the sweep folder)")
+
     edge = sub.add_parser("edge", help="as the device: verify a delivery, attach it with PEFT, evaluate; prints JSON")
     edge.add_argument("adapter_dir", help="the --out folder of `airlora export`")
     edge.add_argument("--base", required=True, help="base model folder ('minilm' for the packaged one)")
@@ -100,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"run": _cmd_run, "channel": _cmd_channel, "export": _cmd_export, "edge": _cmd_edge}
+        commands = {"run": _cmd_run, "channel": _cmd_channel, "export": _cmd_export, "edge": _cmd_edge,
+                    "sweep": _cmd_sweep, "report": _cmd_report}
         return commands[args.command](args)
     except AirloraError as err:
         if args.debug:
@@ -153,6 +169,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"(C {m['capacity_bps'] / 1e6:.3f} Mbit/s) of T_max {m['t_max_s']:g} s: {fits}; "
           f"with overhead {m['airtime_with_overhead_s']:.4f} s")
     print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
+    return 0
+
+
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``--set PATH=VALUE`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out = {}
+    for item in sets:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise AirloraError(f"--set {item!r}: expected PATH=VALUE, e.g. --set train.steps=50")
+        out[path] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from airlora.sweep.execute import execute
+    from airlora.sweep.grid import load_sweep
+
+    if args.workers is not None and args.workers < 1:
+        raise AirloraError(f"--workers {args.workers}: expected an integer >= 1")
+    sweep = load_sweep(args.sweep_file, _parse_sets(args.sets))
+    rows = execute(sweep, Path(args.out), backend=args.backend, workers=args.workers, address=args.address,
+                   progress=not args.quiet)
+    failed = [r for r in rows if r["status"] != "ok"]
+    print(f"sweep {sweep.name}: {len(rows) - len(failed)} of {len(sweep.runs)} runs finished, {len(failed)} failed; "
+          f"rows in {Path(args.out) / 'results.jsonl'}")
+    for row in failed:
+        print(f"  failed {row['run_id']}: {row['error'].splitlines()[0] if row['error'] else ''}")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from airlora.sweep.report import write_report
+
+    path = write_report(Path(args.sweep_dir), Path(args.out) if args.out else None)
+    print(f"report written to {path}")
     return 0
 
 

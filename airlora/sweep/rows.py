@@ -1,0 +1,70 @@
+"""One result row per run: what was varied, the run's summary numbers and its reward curve."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from airlora.sweep.grid import PlannedRun
+
+SUMMARY_KEYS = (
+    "test_accuracy", "val_accuracy", "transmitted_params", "transmitted_bits", "airtime_s", "eta", "budget_ok",
+    "steps_over_budget", "steps", "mean_reward", "mean_step_s", "mean_decision_s", "decision_overhead_ratio",
+    "mean_apply_s", "wall_s", "ranks", "snr_db",
+)
+
+
+def method_of(allocator: str, variant: str) -> str:
+    """The name a table shows: the allocator, or for airllm the policy variant (paper Table III)."""
+    return allocator if allocator != "airllm" else variant
+
+
+def settings_of(run: PlannedRun) -> dict[str, Any]:
+    """The settings the report groups by, read from the run's full config."""
+    cfg = run.config
+    diffusion = cfg.policy.effective_diffusion()
+    return {
+        "method": method_of(cfg.allocator, cfg.policy.variant),
+        "allocator": cfg.allocator,
+        "variant": cfg.policy.variant if cfg.allocator == "airllm" else None,
+        "seed": cfg.train.seed,
+        "r_max": cfg.adapter.r_max,
+        "reward_lambda": cfg.train.reward_lambda,
+        "bits_per_param": cfg.channel.bits_per_param,
+        "snr_setting": "trace" if cfg.channel.snr_schedule == "trace" else ",".join(f"{s:g}" for s in cfg.channel.snr_db),
+        "prediction_type": diffusion.prediction_type,
+        "beta_schedule": diffusion.beta_schedule,
+        "train_timesteps": diffusion.train_timesteps,
+        "inference_steps": diffusion.inference_steps,
+        "episode_steps": cfg.policy.episode_steps,
+    }
+
+
+def reward_curve(metrics: Path, window: int) -> list[float]:
+    """Mean reward per window of ``window`` steps (one episode of the policy)."""
+    with metrics.open(newline="") as handle:
+        rewards = [float(row["reward"]) for row in csv.DictReader(handle)]
+    return [float(np.mean(rewards[i:i + window])) for i in range(0, len(rewards), window)]
+
+
+def finished_row(run: PlannedRun, run_dir: Path) -> dict[str, Any] | None:
+    """The row of a finished run, or None when the run has no summary yet."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    settings = settings_of(run)
+    row = {"run_id": run.run_id, "status": "ok", "experiments": run.experiments, "params": run.params} | settings
+    row |= {key: summary[key] for key in SUMMARY_KEYS}
+    row["reward_curve"] = reward_curve(run_dir / "metrics.csv", settings["episode_steps"])
+    return row
+
+
+def failed_row(run: PlannedRun, error: str) -> dict[str, Any]:
+    """The row of a run that crashed: its settings and the error, no numbers."""
+    return {"run_id": run.run_id, "status": "failed", "experiments": run.experiments, "params": run.params,
+            "error": error} | settings_of(run)
