@@ -14,7 +14,7 @@ from airlora.sweep.grid import PlannedRun
 SUMMARY_KEYS = (
     "test_accuracy", "val_accuracy", "transmitted_params", "transmitted_bits", "airtime_s", "eta", "budget_ok",
     "steps_over_budget", "steps", "mean_reward", "mean_step_s", "mean_decision_s", "decision_overhead_ratio",
-    "mean_apply_s", "wall_s", "ranks", "snr_db",
+    "mean_apply_s", "wall_s", "ranks", "snr_db", "model", "dataset",
 )
 
 

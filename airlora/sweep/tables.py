@@ -1,0 +1,81 @@
+"""The paper's tables (III–VI) and ours, as markdown, from a sweep's result rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from airlora.sweep.stats import mean_ci
+
+Row = dict[str, Any]
+
+LABELS = {
+    "ppo": "PPO", "ddim": "DDIM", "ppo+ddpm": "PPO+DDPM", "ppo+ddim-mlp": "AirLLM (PPO+DDIM/MLP)",
+    "ppo+ddim-unet": "PPO+DDIM/U-Net", "adalora": "AdaLoRA", "uniform": "Uniform", "random": "Random",
+    "heuristic": "Channel heuristic",
+}
+"""What each method is called in tables and legends; ppo+ddim-mlp is the paper's AirLLM."""
+
+ORDER = ["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet", "adalora", "uniform", "random", "heuristic"]
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def of(rows: Iterable[Row], experiment: str) -> list[Row]:
+    """The finished rows of one experiment."""
+    return [r for r in rows if r["status"] == "ok" and experiment in r["experiments"]]
+
+
+def group(rows: Iterable[Row], key: str | Callable[[Row], Any]) -> dict[Any, list[Row]]:
+    """Rows by the value of ``key`` (a row field or a function), in first-seen order."""
+    out: dict[Any, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[key(r) if callable(key) else r[key]].append(r)
+    return dict(out)
+
+
+def methods_in(rows: Iterable[Row]) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+
+
+def cell(rows: list[Row], field: str, digits: int = 4, scale: float = 1.0) -> str:
+    return mean_ci([r[field] for r in rows]).format(digits, scale)
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def table_methods(rows: list[Row]) -> str:
+    """Table III: accuracy, delivered size and mean reward per method."""
+    by_method = group(rows, "method")
+    body = [[label(m), cell(by_method[m], "test_accuracy"), cell(by_method[m], "transmitted_params", 0),
+             cell(by_method[m], "mean_reward", 3)] for m in methods_in(rows)]
+    return markdown(["method", "test accuracy", "transmitted params", "mean reward"], body)
+
+
+def table_by(rows: list[Row], key: str, key_title: str, methods: bool = True,
+             fields: tuple[tuple[str, str, int, float], ...] = (("test accuracy", "test_accuracy", 4, 1.0),)) -> str:
+    """One line per value of ``key`` (and per method when ``methods``), one column per field."""
+    body = []
+    for value, chunk in sorted(group(rows, key).items(), key=lambda kv: _sort_key(kv[0])):
+        parts = group(chunk, "method") if methods else {None: chunk}
+        for method in (methods_in(chunk) if methods else [None]):
+            line = [str(value)] + ([label(method)] if methods else [])
+            line += [cell(parts[method], f, digits, scale) for _, f, digits, scale in fields]
+            body.append(line)
+    header = [key_title] + (["method"] if methods else []) + [title for title, *_ in fields]
+    return markdown(header, body)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    try:
+        return (0, float(str(value).split(",")[0]))
+    except ValueError:
+        return (1, str(value))
