@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", dest="policy_path", help="airllm: start from the policy.pt of an earlier run")
     run.add_argument("--out", required=True, help="folder for config.json, metrics.csv and summary.json")
     run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint (its config.json unless --config)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--match-bits-of", metavar="RUN_DIR",
                      help="adalora: set the final adapter's on-air bits to those of another finished run")
@@ -131,9 +133,16 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from airlora.config import RunConfig, load_config, merge
     from airlora.report import print_summary
-    from airlora.run import run
+    from airlora.run import run, saved_config
 
-    config = load_config(args.config) if args.config else RunConfig()
+    if args.resume and args.overwrite:
+        raise AirloraError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    if args.config:
+        config = load_config(args.config)
+    elif args.resume and (Path(args.out) / "config.json").is_file():
+        config = saved_config(Path(args.out))
+    else:
+        config = RunConfig()
     config = merge(config, _overrides(args))
     if args.match_bits_of is not None:
         from airlora.allocators.adalora import target_bits_of
@@ -142,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise AirloraError(f"--match-bits-of sets the adalora allocator's target; the allocator is "
                                f"{config.allocator!r} (add --allocator adalora)")
         config = merge(config, {"adalora.target_bits": target_bits_of(args.match_bits_of)})
-    summary = run(config, Path(args.out), overwrite=args.overwrite)
+    summary = run(config, Path(args.out), overwrite=args.overwrite, resume=args.resume)
     print_summary(summary, Path(args.out))
     return 0
 

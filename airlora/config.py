@@ -6,6 +6,7 @@ nesting as ``RunConfig.to_dict()``; unknown keys and wrong types are rejected wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import types
@@ -152,6 +153,8 @@ class TrainConfig:
     """Steps between validation passes (paper: 100)."""
     patience: int = 5
     """Early stop after this many evaluations without a validation gain, once the reward has converged."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints of the whole run state in the run folder, for ``--resume``; 0 turns them off."""
     seed: int = 42
     """Seed for data split, initialisation, SNR draws and allocators (paper: 42)."""
     device: str = "auto"
@@ -171,6 +174,8 @@ class TrainConfig:
         _check(self.allocate_every >= 1, "train.allocate_every", "an integer >= 1", self.allocate_every)
         _check(self.eval_every >= 1, "train.eval_every", "an integer >= 1", self.eval_every)
         _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)",
+               self.checkpoint_every)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
@@ -295,15 +300,27 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise AirloraError(f"{name} = {value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}")
+    hint_text = ""
+    if hint is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            float(value)
+            hint_text = " (YAML reads 1e6 as text: write 1.0e6 or 1000000)"
+    raise AirloraError(f"{name} = {value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}{hint_text}")
 
 
 def load_config(path: str | Path) -> RunConfig:
     """Read a RunConfig from a .yaml/.yml or .json file."""
     path = Path(path)
+    if path.is_dir():
+        raise AirloraError(f"config file {str(path)!r} is a folder; expected a .yaml, .yml or .json file")
     if not path.is_file():
         raise AirloraError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AirloraError(f"config file {str(path)!r}: byte {err.start} (0x{raw[err.start]:02x}) is not valid UTF-8; "
+                           "re-save the file as UTF-8") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -320,6 +337,17 @@ def load_config(path: str | Path) -> RunConfig:
     except Exception as err:  # yaml's parse errors
         raise AirloraError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     return from_dict(RunConfig, data or {})
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config data as ``{"train.steps": 300, …}`` (dotted paths to leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:

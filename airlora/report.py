@@ -47,6 +47,10 @@ def print_summary(summary: dict[str, Any], out: Path, console: Console | None = 
         f"wall {s['wall_s']:.1f} s · {s['mean_step_s'] * 1e3:.0f} ms/step · decision overhead "
         f"{s['decision_overhead_ratio']:.4f} · results in {out}",
     ]
+    if not s["budget_ok"] and not any(s["ranks"].values()):
+        lines.append(f"[red]nothing fits: even the task head alone ({s['head_params']:,} params, "
+                     f"{s['head_params'] * s['bits_per_param']:,} bits) needs more than T_max {s['t_max_s']:g} s at "
+                     f"{s['snr_db']:g} dB; raise --t-max-s or --bandwidth-hz, or lower --bits[/red]")
     if s["steps_where_nothing_fits"]:
         lines.append(f"[yellow]warning: at {s['steps_where_nothing_fits']} steps not even one triplet fit the "
                      "budget; those steps trained the head only (rank 0 everywhere)[/yellow]")

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from safetensors.torch import save_file
 
-from airlora.config import RunConfig
+from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
+from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
 from airlora.errors import AirloraError
 from airlora.io import write_csv_atomic, write_json_atomic
@@ -20,21 +21,58 @@ from airlora.session import Session, build_session
 from airlora.trainer import METRIC_COLUMNS, TrainResult, evaluate, restore, train
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs' results in one folder unless asked to replace them."""
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse to mix two runs' results in one folder unless asked to replace them (or to continue one)."""
     if (out / "summary.json").exists() and not overwrite:
-        raise AirloraError(f"--out {str(out)!r} already holds a finished run; choose another folder or --overwrite")
+        what = "; nothing to resume" if resume else "; choose another folder or --overwrite"
+        raise AirloraError(f"--out {str(out)!r} already holds a finished run{what}")
+    if read_pointer(out) is not None and not (overwrite or resume):
+        raise AirloraError(f"--out {str(out)!r} holds an unfinished run with a checkpoint; add --resume to continue "
+                           "it or --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        remove_checkpoints(out)
+        (out / "summary.json").unlink(missing_ok=True)
 
 
-def run(config: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run one fine-tuning job end to end and return its summary (also written to ``out``)."""
+def saved_config(out: Path) -> RunConfig:
+    """The config a run in ``out`` was started with (its config.json, derived values dropped)."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise AirloraError(f"--resume: {str(out)!r} has no config.json; it holds no run to continue")
+    data = json.loads(path.read_text())
+    data.pop("resolved", None)
+    return from_dict(RunConfig, data)
+
+
+RESUME_MAY_CHANGE = ("train.progress", "train.threads", "train.device")
+"""Settings a resumed run may change: they do not alter its results."""
+
+
+def check_same_run(saved: RunConfig, config: RunConfig) -> None:
+    """A resumed run must be the run that was started: name the first setting that differs."""
+    old, new = flatten(saved.to_dict()), flatten(config.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+            raise AirloraError(f"--resume: {key} is {new.get(key)!r} but the run was started with {old.get(key)!r}; "
+                               "resume with the same settings or start a new run")
+
+
+def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job end to end and return its summary (also written to ``out``).
+
+    ``resume`` continues the run in ``out`` from its last checkpoint (or from the start when it has none).
+    """
     started = time.perf_counter()
     out = Path(out)
-    prepare_out_dir(out, overwrite)
+    prepare_out_dir(out, overwrite, resume)
+    checkpoint = None
+    if resume and (out / "config.json").is_file():
+        check_same_run(saved_config(out), config)
+        checkpoint = load_checkpoint(out)
     session = build_session(config)
     write_json_atomic(out / "config.json", resolved_config(session))
-    result = train(session)
+    result = train(session, out, checkpoint)
     write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)
     restore(session, result.best)
     write_adapter(session, out / "adapter.safetensors")
@@ -42,6 +80,7 @@ def run(config: RunConfig, out: Path, overwrite: bool = False) -> dict[str, Any]
     summary = summarise(session, result, evaluate(session, session.test_batches), time.perf_counter() - started)
     summary.update(extras)
     write_json_atomic(out / "summary.json", summary)
+    remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
     return summary
 
 
@@ -134,5 +173,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "mean_apply_s": float(np.mean([r["apply_s"] for r in rows])),
         "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
         "eval_s": result.eval_s,
+        "train_s": result.train_s,
+        "resumed_from_step": result.resumed_from_step,
         "wall_s": wall_s,
     }

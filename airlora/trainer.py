@@ -8,8 +8,10 @@ the adapter delivered, and its ranks, airtime and test accuracy are what the sum
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,14 +22,19 @@ from transformers import get_linear_schedule_with_warmup
 from airlora.adapters import forget_momentum
 from airlora.allocators import AllocationContext, StepOutcome
 from airlora.batching import Batch
+from airlora.checkpoint import rng_state, save_checkpoint, set_rng_state
 from airlora.errors import AirloraError
+from airlora.io import write_csv_atomic
 from airlora.session import Session
 
 METRIC_COLUMNS = [
     "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "airtime_s",
     "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "apply_s",
-    "update_s",
+    "update_s", "rss_mb",
 ]
+
+
+CHECKPOINT_FORMAT = "airlora-checkpoint/1"
 
 
 @dataclass
@@ -53,6 +60,10 @@ class TrainResult:
     nothing_fits_steps: int
     eval_s: float
     """Seconds spent in validation passes."""
+    train_s: float
+    """Seconds in the training loop, over every process of a resumed run."""
+    resumed_from_step: int | None
+    """The checkpoint step this process continued from, or None."""
 
 
 def evaluate(session: Session, batches: list[Batch]) -> float:
@@ -71,9 +82,22 @@ def evaluate(session: Session, batches: list[Batch]) -> float:
     return correct / max(total, 1)
 
 
+def rss_mb() -> float:
+    """Resident memory of this process in MB, from /proc (a read of ~20 µs); NaN where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError):
+        return math.nan
+
+
 def reward_converged(mean_reward: float, reward_lambda: float) -> bool:
     """The paper's convergence threshold: mean reward ≥ min(−λ, −0.5) (paper §V)."""
     return mean_reward >= min(-reward_lambda, -0.5)
+
+
+class NonFiniteLoss(AirloraError):
+    """The task loss of a batch was NaN or infinite."""
 
 
 class FineTuner:
@@ -102,12 +126,12 @@ class FineTuner:
         batch = batch.to(self.session.device)
         loss = model(**batch.inputs, labels=batch.labels).loss
         weight = cfg.adapter.orth_reg_weight
+        task_loss = float(loss.detach())
+        if not math.isfinite(task_loss):  # before the update, so a NaN never reaches the weights
+            raise NonFiniteLoss(f"training loss became {task_loss}; lower train.lr (now {cfg.train.lr})")
         (loss + weight * self.session.adapters.orthogonality() if weight else loss).backward()
         self.optimizer.step()
         self.scheduler.step()
-        task_loss = float(loss.detach())
-        if not math.isfinite(task_loss):
-            raise AirloraError(f"training loss became {task_loss}; lower train.lr (now {cfg.train.lr})")
         return task_loss
 
     def zero_grad(self) -> None:
@@ -115,34 +139,53 @@ class FineTuner:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def train(session: Session) -> TrainResult:
-    """Run the fine-tuning loop of ``session`` to the step budget or the paper's early-stop rule."""
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step besides the model, optimiser and allocator."""
+
+    step: int = 0
+    """The next step to run."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: Checkpoint | None = None
+    evals_without_gain: int = 0
+    rewards_since_eval: list[float] = field(default_factory=list)
+    nothing_fits_steps: int = 0
+    eval_s: float = 0.0
+    elapsed_s: float = 0.0
+    """Training-loop seconds of earlier processes of this run (resumed runs)."""
+    resumed_from_step: int | None = None
+
+
+def train(session: Session, out: Path | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
+    """Run the fine-tuning loop of ``session`` to the step budget or the paper's early-stop rule.
+
+    With ``out``, the whole state is checkpointed there every ``train.checkpoint_every`` steps; ``resume`` is
+    such a checkpoint (``airlora.checkpoint.load_checkpoint``) to continue from.
+    """
     cfg = session.config
     adapters, allocator = session.adapters, session.allocator
     tuner = FineTuner(session)
     session.model.train()
-    rows: list[dict[str, Any]] = []
-    best: Checkpoint | None = None
-    evals_without_gain, rewards_since_eval, nothing_fits_steps = 0, [], 0
+    loop = LoopState()
+    if resume is not None:
+        loop = restore_loop(session, tuner, resume)
+    started = time.perf_counter()
     stopped_early = False
-    eval_s = 0.0
     ranks = adapters.ranks()
-    bar = tqdm(range(cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(loop.step, cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
+               dynamic_ncols=True, initial=loop.step, total=cfg.train.steps)
     for step in bar:
         # 1. channel and data of this step
         snr_db = session.snr.snr_db(step)
         budget = session.budget(snr_db)
         batch = session.train_batches.batch(step)
-        nothing_fits_steps += budget.nothing_fits()
+        loop.nothing_fits_steps += budget.nothing_fits()
 
         # 2. ranks: the allocator's decision, then projected onto the budget and applied to the adapters
         t0 = time.perf_counter()
         proposed = ranks
         if step % cfg.train.allocate_every == 0:
-            ctx = AllocationContext(step, snr_db, budget, batch.lexical_entropy, batch.oov_rate, ranks,
-                                    session.bandwidth_hz)
-            proposed = allocator.allocate(ctx)
+            proposed = allocator.allocate(context(session, step, ranks))
         decision_s = time.perf_counter() - t0
         ranks = budget.project(proposed)  # never train on, or deliver, ranks that break this step's budget
         tuner.apply(ranks)
@@ -150,14 +193,21 @@ def train(session: Session) -> TrainResult:
 
         # 3. one training step; the allocator sees it before the gradients are dropped
         t1 = time.perf_counter()
-        task_loss = tuner.step(batch)
+        try:
+            task_loss = tuner.step(batch)
+        except NonFiniteLoss as err:
+            if out is not None:  # keep what the run had before this step, for a look or a --resume with a lower lr
+                save_checkpoint(out, loop.step, snapshot(session, tuner, loop, started))
+                write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
+            where = f" with a checkpoint of step {loop.step} in {out}" if out is not None else ""
+            raise AirloraError(f"{err} at step {step}; the run stopped{where}") from None
         step_s = time.perf_counter() - t1
         eta = budget.eta(ranks)
         reward = -task_loss - cfg.train.reward_lambda * eta
         allocator.observe(StepOutcome(step, task_loss, reward, eta, ranks, session.model))  # the allocator learns
         tuner.zero_grad()
         update_s = time.perf_counter() - t1 - step_s
-        rewards_since_eval.append(reward)
+        loop.rewards_since_eval.append(reward)
 
         row = {
             "step": step, "loss": task_loss, "reward": reward, "eta": eta, "snr_db": snr_db,
@@ -165,7 +215,7 @@ def train(session: Session) -> TrainResult:
             "transmitted_params": budget.params(ranks), "airtime_s": budget.airtime_s(ranks),
             "lexical_entropy": batch.lexical_entropy, "oov_rate": batch.oov_rate,
             "budget_ok": budget.feasible(ranks), "val_accuracy": "", "step_s": step_s, "decision_s": decision_s,
-            "apply_s": apply_s, "update_s": update_s,
+            "apply_s": apply_s, "update_s": update_s, "rss_mb": rss_mb(),
         }
 
         # 4. evaluation, best checkpoint, the paper's early-stop rule
@@ -173,29 +223,93 @@ def train(session: Session) -> TrainResult:
         if (step + 1) % cfg.train.eval_every == 0 or last:
             t2 = time.perf_counter()
             val_acc = evaluate(session, session.val_batches)
-            eval_s += time.perf_counter() - t2
+            loop.eval_s += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
             # checkpoints before the allocator's first deliverable step are neither delivered nor counted
             candidate = step >= allocator.first_deliverable_step or last
-            if candidate and (best is None or val_acc > best.val_accuracy):
-                best = Checkpoint(step, val_acc, snr_db, adapters.state(),
-                                  {k: p.detach().clone() for k, p in session.head.items()})
-                evals_without_gain = 0
+            if candidate and (loop.best is None or val_acc > loop.best.val_accuracy):
+                loop.best = Checkpoint(step, val_acc, snr_db, adapters.state(),
+                                       {k: p.detach().clone() for k, p in session.head.items()})
+                loop.evals_without_gain = 0
             elif candidate:
-                evals_without_gain += 1
-            converged = reward_converged(float(np.mean(rewards_since_eval)), cfg.train.reward_lambda)
-            rewards_since_eval = []
-            if converged and evals_without_gain >= cfg.train.patience and not last:
+                loop.evals_without_gain += 1
+            converged = reward_converged(float(np.mean(loop.rewards_since_eval)), cfg.train.reward_lambda)
+            loop.rewards_since_eval = []
+            if converged and loop.evals_without_gain >= cfg.train.patience and not last:
                 stopped_early = True
-        rows.append(row)
+        loop.rows.append(row)
+        loop.step = step + 1
+        best = loop.best
         bar.set_postfix(loss=f"{task_loss:.3f}", val=f"{best.val_accuracy:.3f}" if best else "-",
                         rank=f"{sum(ranks.values()) / len(ranks):.1f}", air=f"{row['airtime_s']:.2f}s",
                         refresh=False)
         if stopped_early:
             break
+        every = cfg.train.checkpoint_every
+        if out is not None and every and loop.step % every == 0 and not last:
+            save_checkpoint(out, loop.step, snapshot(session, tuner, loop, started))
+            write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
     bar.close()
-    assert best is not None  # the last step always evaluates
-    return TrainResult(rows, best, adapters.ranks(), len(rows), stopped_early, nothing_fits_steps, eval_s)
+    assert loop.best is not None  # the last step always evaluates
+    return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
+                       loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step)
+
+
+def context(session: Session, step: int, ranks: dict[str, int]) -> AllocationContext:
+    """What the allocator sees before ``step``."""
+    snr_db = session.snr.snr_db(step)
+    batch = session.train_batches.batch(step)
+    return AllocationContext(step, snr_db, session.budget(snr_db), batch.lexical_entropy, batch.oov_rate, ranks,
+                             session.bandwidth_hz)
+
+
+def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float) -> dict[str, Any]:
+    """The run's whole state after ``loop.step`` steps, as tensors and plain values (weights_only-loadable)."""
+    best = loop.best
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": loop.step,
+        "rows": loop.rows,
+        "best": None if best is None else {"step": best.step, "val_accuracy": best.val_accuracy,
+                                           "snr_db": best.snr_db, "adapter_state": best.adapter_state,
+                                           "head_state": best.head_state},
+        "evals_without_gain": loop.evals_without_gain,
+        "rewards_since_eval": loop.rewards_since_eval,
+        "nothing_fits_steps": loop.nothing_fits_steps,
+        "eval_s": loop.eval_s,
+        "elapsed_s": loop.elapsed_s + time.perf_counter() - started,
+        "adapters": session.adapters.state(),
+        "head": {k: p.detach().cpu().clone() for k, p in session.head.items()},
+        "optimizer": tuner.optimizer.state_dict(),
+        "scheduler": tuner.scheduler.state_dict(),
+        "allocator": session.allocator.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> LoopState:
+    """Put a snapshot back: adapters, head, optimiser, schedule, allocator, RNGs; return the loop's state."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise AirloraError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+    session.adapters.load_state(state["adapters"])
+    with torch.no_grad():
+        for name, p in session.head.items():
+            p.copy_(state["head"][name])
+    tuner.optimizer.load_state_dict(state["optimizer"])
+    tuner.scheduler.load_state_dict(state["scheduler"])
+    step = state["step"]
+    session.allocator.load_state_dict(state["allocator"], context(session, step, session.adapters.ranks()),
+                                      session.model)
+    set_rng_state(state["rng"])  # last: building the allocator's networks draws from the global RNG
+    best = state["best"]
+    return LoopState(
+        step=step, rows=state["rows"],
+        best=None if best is None else Checkpoint(best["step"], best["val_accuracy"], best["snr_db"],
+                                                  best["adapter_state"], best["head_state"]),
+        evals_without_gain=state["evals_without_gain"], rewards_since_eval=state["rewards_since_eval"],
+        nothing_fits_steps=state["nothing_fits_steps"], eval_s=state["eval_s"], elapsed_s=state["elapsed_s"],
+        resumed_from_step=step,
+    )
 
 
 def restore(session: Session, checkpoint: Checkpoint) -> None:

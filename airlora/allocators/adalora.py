@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -97,6 +97,15 @@ class TripletSensitivity:
                 if p.grad is None:  # the module ran at rank 0: no gradient reached it (PEFT would fail on None)
                     p.grad = torch.zeros_like(p)
         self.peft.update_ipt(model)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """PEFT's sensitivity EMAs, by parameter name."""
+        peft = self.peft
+        return {"ipt": peft.ipt, "exp_avg_ipt": peft.exp_avg_ipt, "exp_avg_unc": peft.exp_avg_unc}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(self.peft, name, {k: v.clone() for k, v in state[name].items()})
 
     def _element(self, name: str, part: str) -> torch.Tensor | None:
         param = f"{name}.{part}.{ADAPTER}"
@@ -217,6 +226,18 @@ class AdaLoraAllocator(Allocator):
         elif self.rank_pattern is not None:
             # 3. final fine-tuning: PEFT re-applies the final masks every step
             peft.mask_using_rank_pattern(model, self.rank_pattern)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target_params": self.target_params, "costs": self.costs, "full_params": self.full_params,
+                "rank_pattern": self.rank_pattern,
+                "sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: nn.Module) -> None:
+        self.target_params, self.costs = state["target_params"], state["costs"]
+        self.full_params, self.rank_pattern = state["full_params"], state["rank_pattern"]
+        if state["sensitivity"] is not None:
+            self._start(model)
+            self.sensitivity.load_state_dict(state["sensitivity"])
 
     def _mask(self, model: nn.Module, params: float) -> None:
         """PEFT's mask keeping the longest prefix of triplets, best score first, whose parameters fit ``params``."""

@@ -207,6 +207,37 @@ class AirLLMAllocator(Allocator):
             "episode_reward_last_quarter": float(np.mean(rewards[-quarter:])) if rewards else None,
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """Networks, optimisers, the shared buffer, the episode so far, the generator and the learning log."""
+        state: dict[str, Any] = {"ready": self.ready, "generator": self.generator.get_state(),
+                                 "metrics": self.metrics, "decision_s": self.decision_s}
+        if not self.ready:
+            return state
+        state |= {"episode": self.episode, "buffer": self.buffer, "buffer_len": self.buffer_len,
+                  "buffer_pos": self.buffer_pos}
+        if self.ppo is not None:
+            state |= {"ppo": self.ppo.model.state_dict(), "ppo_opt": self.ppo.optimizer.state_dict()}
+        if self.refiner is not None:
+            state |= {"refiner": self.refiner.denoiser.state_dict(), "refiner_opt": self.refiner.optimizer.state_dict(),
+                      "critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: torch.nn.Module) -> None:
+        if state["ready"]:
+            self._build(ctx)
+            self.episode, self.buffer = state["episode"], state["buffer"]
+            self.buffer_len, self.buffer_pos = state["buffer_len"], state["buffer_pos"]
+            if self.ppo is not None:
+                self.ppo.model.load_state_dict(state["ppo"])
+                self.ppo.optimizer.load_state_dict(state["ppo_opt"])
+            if self.refiner is not None:
+                self.refiner.denoiser.load_state_dict(state["refiner"])
+                self.refiner.optimizer.load_state_dict(state["refiner_opt"])
+                self.critic.load_state_dict(state["critic"])
+                self.critic_opt.load_state_dict(state["critic_opt"])
+        self.generator.set_state(state["generator"])
+        self.metrics, self.decision_s = state["metrics"], state["decision_s"]
+
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise AirloraError(f"--policy {str(path)!r} does not exist; expected a policy.pt from an airllm run")

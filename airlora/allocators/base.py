@@ -76,6 +76,13 @@ class Allocator:
     def observe(self, outcome: StepOutcome) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad()``."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the allocator has learned or drawn so far, as tensors and plain values (for checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: torch.nn.Module) -> None:
+        """Restore ``state_dict()``; ``ctx`` and ``model`` are those of the step the run continues from."""
+
     def save(self, out: Path) -> dict[str, Any]:
         """Write allocator-specific artefacts into the run folder ``out``; return extra summary fields."""
         return {}

@@ -12,8 +12,10 @@ The scores only say how many triplets a module gets; which of its triplets are a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from torch import nn
 
 from airlora.allocators.adalora import TripletSensitivity
 from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
@@ -71,10 +73,21 @@ class HeuristicAllocator(Allocator):
 
     def observe(self, outcome: StepOutcome) -> None:
         if self.sensitivity is None:
-            from peft import AdaLoraConfig
-
-            # Only PEFT's EMA machinery is used; the schedule fields are required by AdaLoraConfig, not read here.
-            peft_config = AdaLoraConfig(init_r=self.config.adapter.r_max, total_step=self.config.train.steps,
-                                        beta1=self.config.adalora.beta1, beta2=self.config.adalora.beta2)
-            self.sensitivity = TripletSensitivity(outcome.model, peft_config, self.config.adapter.target_modules)
+            self._start(outcome.model)
         self.sensitivity.update(outcome.model)
+
+    def _start(self, model: nn.Module) -> None:
+        from peft import AdaLoraConfig
+
+        # Only PEFT's EMA machinery is used; the schedule fields are required by AdaLoraConfig, not read here.
+        peft_config = AdaLoraConfig(init_r=self.config.adapter.r_max, total_step=self.config.train.steps,
+                                    beta1=self.config.adalora.beta1, beta2=self.config.adalora.beta2)
+        self.sensitivity = TripletSensitivity(model, peft_config, self.config.adapter.target_modules)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: nn.Module) -> None:
+        if state["sensitivity"] is not None:
+            self._start(model)
+            self.sensitivity.load_state_dict(state["sensitivity"])

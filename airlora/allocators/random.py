@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import torch
 
 from airlora.allocators.base import AllocationContext, Allocator
 from airlora.config import RunConfig
@@ -21,3 +24,9 @@ class RandomAllocator(Allocator):
     def allocate(self, ctx: AllocationContext) -> RankMap:
         draws = self.rng.integers(0, ctx.budget.r_max + 1, size=len(ctx.budget.keys))
         return {key: int(r) for key, r in zip(ctx.budget.keys, draws, strict=True)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: torch.nn.Module) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -61,8 +61,8 @@ def claims(rows: list[Row]) -> list[list[str]]:
         for other in ("adalora", "uniform", "heuristic", "random"):
             paper = "(Fig. 4; +0.36–0.46 pp)" if other == "adalora" else "(ours, not in the paper)"
             out.append(_claim(f"AirLLM is more accurate than {label(other)} at {snr_value} dB {paper}",
-                              f"accuracy AirLLM − {label(other)}, paired by seed", paired(air, _values(at, _method(other))),
-                              1, 100, "pp"))
+                              f"accuracy AirLLM − {label(other)}, paired by seed",
+                              paired(air, _values(at, _method(other))), 1, 100, "pp"))
     for r_max in sorted({r["r_max"] for r in rmax}):
         at = [r for r in rmax if r["r_max"] == r_max]
         air_p = _values(at, _method(AIRLLM), "transmitted_params")

@@ -27,6 +27,8 @@ from airlora.sweep.grid import PlannedRun, Sweep
 from airlora.sweep.rows import failed_row, finished_row
 
 Outcome = dict[str, Any]
+Job = tuple[str, dict[str, Any], str]
+"""(run id, config as plain data, run folder)."""
 
 
 def run_one(config_data: dict[str, Any], run_dir: str) -> Outcome:
@@ -56,7 +58,7 @@ def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | 
     return workers, threads
 
 
-def _local(todo: list[tuple[str, dict[str, Any], str]], workers: int) -> Iterator[tuple[str, Outcome]]:
+def _local(todo: list[Job], workers: int) -> Iterator[tuple[str, Outcome]]:
     """Process pool with at most ``workers`` runs in flight; a dead worker fails only the runs it held."""
     pending = list(reversed(todo))
     while pending:
@@ -75,11 +77,11 @@ def _local(todo: list[tuple[str, dict[str, Any], str]], workers: int) -> Iterato
                     except BrokenProcessPool:
                         broken = True
                         yield rid, {"status": "failed", "error": "the worker process died (killed, or out of memory)"}
-            for future, rid in in_flight.items():  # the pool broke under these too
+            for rid in in_flight.values():  # the pool broke under these too
                 yield rid, {"status": "failed", "error": "the worker process died (killed, or out of memory)"}
 
 
-def _ray(todo: list[tuple[str, dict[str, Any], str]], threads: int, address: str | None) -> Iterator[tuple[str, Outcome]]:
+def _ray(todo: list[Job], threads: int, address: str | None) -> Iterator[tuple[str, Outcome]]:
     """The same runs as Ray tasks, each reserving ``threads`` CPUs, on a local instance or a cluster."""
     try:
         import ray

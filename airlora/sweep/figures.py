@@ -87,7 +87,7 @@ def rank_heatmaps(rows: list[Row], path: Path) -> Path:
     schedules = group(rows, "beta_schedule")
     fig, axes = plt.subplots(1, len(schedules), figsize=(3.8 * len(schedules), 4), squeeze=False,
                              layout="constrained")
-    for ax, (schedule, chunk) in zip(axes[0], schedules.items()):
+    for ax, (schedule, chunk) in zip(axes[0], schedules.items(), strict=True):
         layers = 1 + max(parse_key(k)[0] for k in chunk[0]["ranks"])
         grid = np.zeros((layers, len(MODULES)))
         for r in chunk:
@@ -115,7 +115,7 @@ def pareto(rows: list[Row], path: Path) -> Path:
         ax.scatter(bits.mean(), acc.mean(), s=70, marker="D", edgecolor="black", color=dots.get_facecolor()[0][:3],
                    label=f"{label(method)} (runs={len(chunk)})")
         means.append((float(bits.mean()), float(acc.mean())))
-    ax.plot(*zip(*pareto_front(means)), "k--", lw=1, label="Pareto front of the means")
+    ax.plot(*zip(*pareto_front(means), strict=True), "k--", lw=1, label="Pareto front of the means")
     ax.set(xlabel="on-air adapter size (Mbit)", ylabel="test accuracy", title="Accuracy vs bits sent, every run")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airlora.config import RunConfig, from_dict, merge
+from airlora.config import RunConfig, flatten, from_dict, merge
 from airlora.errors import AirloraError
 
 SWEEP_KEYS = ("name", "base", "seeds", "experiments", "workers", "threads_per_run")
@@ -79,21 +79,11 @@ def _grids(name: str, spec: Any) -> list[dict[str, list[Any]]]:
     return grids
 
 
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_id(config: RunConfig) -> str:
     """A readable, stable id: allocator, variant for airllm, seed, and a hash of the values that differ from the
     defaults (so a new config field with a default does not rename every finished run)."""
-    defaults = _flat(RunConfig().to_dict())
-    changed = {k: v for k, v in _flat(config.to_dict()).items() if defaults.get(k, object()) != v}
+    defaults = flatten(RunConfig().to_dict())
+    changed = {k: v for k, v in flatten(config.to_dict()).items() if defaults.get(k, object()) != v}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:10]
     label = config.allocator if config.allocator != "airllm" else f"airllm-{config.policy.variant}"
     return f"{label.replace('+', '_')}-s{config.train.seed}-{digest}"
@@ -125,7 +115,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
             keys = list(grid)
             for values in itertools.product(*grid.values()):
                 for seed in seeds:
-                    params = dict(zip(keys, values)) | {"train.seed": seed}
+                    params = dict(zip(keys, values, strict=True)) | {"train.seed": seed}
                     try:
                         config = merge(base, params)
                     except (KeyError, TypeError):

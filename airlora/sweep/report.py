@@ -22,7 +22,8 @@ def load_rows(sweep_dir: Path) -> list[Row]:
     """The rows of ``results.jsonl`` in a sweep folder."""
     path = sweep_dir / "results.jsonl"
     if not path.is_file():
-        raise AirloraError(f"{str(sweep_dir)!r} has no results.jsonl; run `airlora sweep CONFIG --out {sweep_dir}` first")
+        raise AirloraError(f"{str(sweep_dir)!r} has no results.jsonl; run `airlora sweep CONFIG --out {sweep_dir}` "
+                           "first")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:

@@ -35,7 +35,8 @@ def settings_of(run: PlannedRun) -> dict[str, Any]:
         "r_max": cfg.adapter.r_max,
         "reward_lambda": cfg.train.reward_lambda,
         "bits_per_param": cfg.channel.bits_per_param,
-        "snr_setting": "trace" if cfg.channel.snr_schedule == "trace" else ",".join(f"{s:g}" for s in cfg.channel.snr_db),
+        "snr_setting": ("trace" if cfg.channel.snr_schedule == "trace"
+                        else ",".join(f"{s:g}" for s in cfg.channel.snr_db)),
         "prediction_type": diffusion.prediction_type,
         "beta_schedule": diffusion.beta_schedule,
         "train_timesteps": diffusion.train_timesteps,
