@@ -176,6 +176,7 @@ class TrainConfig:
         _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)",
                self.checkpoint_every)
+        _check(0 <= self.seed < 2**32, "train.seed", "an integer in [0, 2**32 - 1]", self.seed)
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
@@ -315,9 +316,11 @@ def load_config(path: str | Path) -> RunConfig:
         raise AirloraError(f"config file {str(path)!r} is a folder; expected a .yaml, .yml or .json file")
     if not path.is_file():
         raise AirloraError(f"config file {str(path)!r} does not exist")
-    raw = path.read_bytes()
     try:
+        raw = path.read_bytes()
         text = raw.decode("utf-8-sig")
+    except OSError as err:
+        raise AirloraError(f"config file {str(path)!r} cannot be read ({err.strerror or type(err).__name__})") from None
     except UnicodeDecodeError as err:
         raise AirloraError(f"config file {str(path)!r}: byte {err.start} (0x{raw[err.start]:02x}) is not valid UTF-8; "
                            "re-save the file as UTF-8") from None
@@ -334,8 +337,10 @@ def load_config(path: str | Path) -> RunConfig:
         if isinstance(err, AirloraError):
             raise
         raise AirloraError(f"config file {str(path)!r} is not valid: {err}") from None
-    except Exception as err:  # yaml's parse errors
-        raise AirloraError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    except Exception as err:  # yaml's parse errors: one line, "problem at line L, column C", not yaml's snippet
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or type(err).__name__
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise AirloraError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
     return from_dict(RunConfig, data or {})
 
 

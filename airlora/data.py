@@ -96,6 +96,9 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     else:
         name, named = _local(Path(source))
     train, validation, test = named.get("train"), named.get("validation"), named.get("test")
+    if train is None and "train" in named:  # present, but every label is -1 (GLUE's hidden test labels)
+        raise AirloraError(f"{where}: every value of column 'label' in its train split is -1 (hidden labels); "
+                           "allowed: 0/1 or 'negative'/'positive'")
     if train is None:
         raise AirloraError(f"{where} has no labelled 'train' split; found splits: {', '.join(named) or 'none'}")
     if test is None:  # absent or unlabelled: validation is the usual test split (GLUE's dev set)
@@ -187,7 +190,10 @@ def _read(path: Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as err:  # pyarrow raises several unrelated types for a damaged file
             raise AirloraError(f"{path}: not a readable parquet file ({err})") from None
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise AirloraError(f"{path} cannot be read ({err.strerror or type(err).__name__})") from None
     if not raw.strip():
         raise AirloraError(f"{path} is empty; expected a header 'sentence,label' (tab-separated for .tsv) and rows")
     try:

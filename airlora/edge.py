@@ -3,7 +3,8 @@
 1. Integrity: the SHA-256 of the payload and of adapter_config.json must match the manifest (and ``--sha256``, the
    value the sender printed, when given); otherwise nothing is attached. A checksum catches corruption, not an
    attacker who rewrites the manifest too: that needs the out-of-band ``--sha256``.
-2. The base model is loaded fresh from its own folder (head included, then replaced by the delivered one).
+2. The base model is loaded fresh from its own folder (head included, then replaced by the delivered one). Every
+   delivered tensor must fit it (same module names and sizes); otherwise it was built for another base model.
 3. ``peft.PeftModel.from_pretrained`` attaches the adapter. 8-bit payloads are dequantised first (x = q·s) into a
    temporary PEFT folder, since PEFT cannot load int8 weights; fp16 is loaded as sent (PEFT casts on load).
 4. Test accuracy on the run's test split (or ``--data``), and the largest |logit difference| against the cloud
@@ -19,11 +20,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
-from airlora.export import MANIFEST_FILE, copy_for_peft, dequantise_int8, reference_logits, sha256_file
+from airlora.export import (
+    MANIFEST_FILE,
+    PEFT_PARTS,
+    PEFT_PREFIX,
+    copy_for_peft,
+    dequantise_int8,
+    reference_logits,
+    sha256_file,
+)
+
+_MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "sha256": dict, "payload_file": str, "bits_per_param": int, "seed": int, "data": dict, "reference": dict,
+    "cloud_test_accuracy": (int, float), "payload_bytes": int, "overhead_bytes": int, "transmitted_params": int,
+    "model_dir": str,
+}
+"""Manifest entries the edge reads, and their JSON types."""
 
 
 def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
@@ -31,11 +48,18 @@ def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dic
     adir = Path(adir)
     try:
         manifest = json.loads((adir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        sums = manifest["sha256"]
-        payload_file = manifest["payload_file"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         raise AirloraError(f"{str(adir)!r} is not a delivery folder (no readable {MANIFEST_FILE}); "
                            "expected the --out folder of `airlora export`") from None
+    lacking = [key for key, kind in _MANIFEST_FIELDS.items()
+               if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
+    if lacking:
+        raise AirloraError(f"{str(adir / MANIFEST_FILE)!r} lacks a valid {', '.join(lacking)}; the manifest was "
+                           "changed after export, so nothing is attached")
+    sums, payload_file = manifest["sha256"], manifest["payload_file"]
+    if payload_file not in sums or any(not isinstance(n, str) or Path(n).name != n for n in sums):
+        raise AirloraError(f"{str(adir / MANIFEST_FILE)!r}: sha256 must list the payload file {payload_file!r} and "
+                           "only plain file names in the delivery folder; nothing attached")
     if expected_sha256 is not None and expected_sha256.lower() != sums.get(payload_file):
         raise AirloraError(f"--sha256 {expected_sha256} does not match the manifest's {sums.get(payload_file)} for "
                            f"{payload_file}; this is not the payload the sender announced")
@@ -48,6 +72,38 @@ def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dic
             raise AirloraError(f"checksum mismatch for {name}: SHA-256 {actual}, the manifest says {expected}; the "
                                "file was changed or corrupted after export, so it is not attached")
     return manifest
+
+
+def check_base(adir: Path, manifest: dict[str, Any], base: torch.nn.Module, base_name: str) -> None:
+    """Every delivered tensor must fit ``base``: its module is a linear layer of matching size, its head parameter
+    exists with the same shape. Otherwise the delivery was built for another base model."""
+    modules, params = dict(base.named_modules()), dict(base.named_parameters())
+    with safe_open(str(adir / manifest["payload_file"]), "pt") as handle:
+        for key in handle.keys():
+            if key.endswith(".scale"):
+                continue
+            shape = tuple(handle.get_slice(key).get_shape())
+            name = key.removeprefix(PEFT_PREFIX)
+            owner, _, part = name.rpartition(".")
+            if part in PEFT_PARTS:
+                module = modules.get(owner)
+                if not isinstance(module, torch.nn.Linear):
+                    problem = f"has no linear layer {owner!r}"
+                else:
+                    r = shape[0] if part != "lora_B" else shape[1]
+                    fits = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r), "lora_E": (r, 1)}
+                    if shape == fits[part]:
+                        continue
+                    problem = (f"has {owner!r} as a {module.in_features} -> {module.out_features} linear layer, "
+                               f"which {part} of shape {shape} does not fit")
+            elif name not in params:
+                problem = f"has no parameter {name!r}"
+            elif tuple(params[name].shape) != shape:
+                problem = f"has {name!r} of shape {tuple(params[name].shape)}, the delivery {shape}"
+            else:
+                continue
+            raise AirloraError(f"the delivery was built for another base model ({manifest['model_dir']}): --base "
+                               f"{base_name!r} {problem}; give the base model the run was trained on")
 
 
 def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch.nn.Module:
@@ -91,6 +147,7 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     manifest = verify_delivery(adir, expected_sha256)
     seed_everything(manifest["seed"])  # weights a checkpoint lacks are drawn as the cloud drew them
     model, tokenizer, _ = load_model(base)
+    check_base(adir, manifest, model, base)
     model = attach(adir, manifest, model.eval())
 
     ref = manifest["reference"]

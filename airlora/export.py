@@ -41,21 +41,46 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic
+from airlora.ranks import validate_ranks
 
 EXPORT_BITS = (32, 16, 8)
+ADAPTER_FORMAT = "airlora-svd-adapter/1"
+"""Metadata 'format' of the adapter.safetensors an `airlora run` writes."""
 CONFIG_FILE = "adapter_config.json"
 MANIFEST_FILE = "delivery.json"
 PAYLOAD_FILES = {32: "adapter_model.safetensors", 16: "adapter_model.safetensors", 8: "adapter_model.int8.safetensors"}
 REFERENCE_EXAMPLES = 32
 """Test sentences whose cloud logits travel in the manifest, for the edge's max_abs_logit_diff."""
-_PREFIX = "base_model.model."
-_PARTS = ("lora_A", "lora_B", "lora_E")
+PEFT_PREFIX = "base_model.model."
+"""Prefix of every tensor key in a PEFT adapter file."""
+PEFT_PARTS = ("lora_A", "lora_B", "lora_E")
+"""Tensor names of one adapted module in PEFT's AdaLoRA: Q_a, P_a and λ_a."""
+
+
+def _read_json(path: Path) -> Any:
+    """A run folder's JSON file; a clear error when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AirloraError(f"{str(path)!r} is not valid JSON ({err}); it was changed after the run") from None
+
+
+def _held_rank(tensors: dict[str, torch.Tensor], key: str) -> int | None:
+    """The rank the lora_A (r, d_in), lora_B (d_out, r), lora_E (r, 1) tensors of ``key`` hold; 0 when all are absent,
+    None when they disagree."""
+    shapes = [tuple(tensors[f"{key}.{part}"].shape) if f"{key}.{part}" in tensors else None for part in PEFT_PARTS]
+    if shapes == [None, None, None]:
+        return 0
+    if None in shapes or any(len(shape) != 2 for shape in shapes):
+        return None
+    (r_a, _), (_, r_b), (r_e, one) = shapes
+    return r_a if r_a == r_b == r_e and one == 1 else None
 
 
 def sha256_file(path: Path) -> str:
@@ -97,21 +122,52 @@ class RunAdapter:
         if missing:
             raise AirloraError(f"run folder {str(run_dir)!r} lacks {', '.join(missing)}; expected a finished "
                                "`airlora run --out` folder")
-        with safe_open(str(files["adapter.safetensors"]), "pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("format") != "airlora-svd-adapter/1":
-                raise AirloraError(f"{str(files['adapter.safetensors'])!r} is not an airlora adapter "
-                                   f"(format {meta.get('format')!r}); expected 'airlora-svd-adapter/1'")
-            self.tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        self.ranks: dict[str, int] = json.loads(meta["ranks"])
-        self.module_names: dict[str, str] = json.loads(meta["module_names"])
-        self.scaling = float(meta["scaling"])
-        self.r_max = int(meta["r_max"])
-        self.model_dir = meta["model_dir"]
-        resolved = json.loads(files["config.json"].read_text(encoding="utf-8"))
-        resolved.pop("resolved", None)
-        self.config: RunConfig = from_dict(RunConfig, resolved)
-        self.summary: dict[str, Any] = json.loads(files["summary.json"].read_text(encoding="utf-8"))
+        adapter = str(files["adapter.safetensors"])
+        try:
+            with safe_open(adapter, "pt") as handle:
+                meta = handle.metadata() or {}
+                if meta.get("format") != ADAPTER_FORMAT:
+                    raise AirloraError(f"{adapter!r} is not an airlora adapter (format {meta.get('format')!r}); "
+                                       f"expected {ADAPTER_FORMAT!r}")
+                self.tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except SafetensorError as err:  # truncated or overwritten: the header or a tensor cannot be read
+            raise AirloraError(f"{adapter!r} is not a readable safetensors file ({err}); it was truncated or "
+                               "damaged after the run; rerun or restore it") from None
+        entries = {}
+        for entry, parse, kind in (("ranks", json.loads, dict), ("module_names", json.loads, dict),
+                                   ("scaling", float, float), ("r_max", int, int), ("model_dir", str, str)):
+            try:
+                entries[entry] = parse(meta[entry])
+            except (KeyError, ValueError):
+                entries[entry] = None
+            if not isinstance(entries[entry], kind):
+                raise AirloraError(f"{adapter!r}: metadata entry {entry!r} is missing or malformed; expected ranks, "
+                                   "module_names, scaling, r_max and model_dir as written by `airlora run`")
+        self.module_names: dict[str, str] = entries["module_names"]
+        self.scaling: float = entries["scaling"]
+        self.r_max: int = entries["r_max"]
+        self.model_dir: str = entries["model_dir"]
+        try:
+            self.ranks: dict[str, int] = validate_ranks(entries["ranks"], list(self.module_names), self.r_max)
+        except AirloraError as err:
+            raise AirloraError(f"{adapter!r} metadata: {err}; the file was changed after the run") from None
+        for key, rank in self.ranks.items():
+            if _held_rank(self.tensors, key) != rank:
+                raise AirloraError(f"{adapter!r}: the tensors of {key!r} do not hold rank {rank} as its metadata "
+                                   "says; the file was changed after the run")
+        resolved = _read_json(files["config.json"])
+        if isinstance(resolved, dict):
+            resolved.pop("resolved", None)
+        try:
+            self.config: RunConfig = from_dict(RunConfig, resolved)
+        except AirloraError as err:
+            raise AirloraError(f"{str(files['config.json'])!r}: {err}") from None
+        self.summary: dict[str, Any] = _read_json(files["summary.json"])
+        needed = ("transmitted_params", "capacity_bps", "t_max_s", "snr_db", "test_accuracy")
+        lacking = [key for key in needed if not isinstance(self.summary, dict) or key not in self.summary]
+        if lacking:
+            raise AirloraError(f"{str(files['summary.json'])!r} lacks {', '.join(lacking)}; expected the summary of "
+                               "a finished `airlora run`")
         self.head = {key.removeprefix("head."): t for key, t in self.tensors.items() if key.startswith("head.")}
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
@@ -119,9 +175,9 @@ class RunAdapter:
         out = {}
         for key, rank in self.ranks.items():
             if rank:
-                for part in _PARTS:
-                    out[f"{_PREFIX}{self.module_names[key]}.{part}"] = self.tensors[f"{key}.{part}"].float()
-        out.update({f"{_PREFIX}{name}": t.float() for name, t in self.head.items()})
+                for part in PEFT_PARTS:
+                    out[f"{PEFT_PREFIX}{self.module_names[key]}.{part}"] = self.tensors[f"{key}.{part}"].float()
+        out.update({f"{PEFT_PREFIX}{name}": t.float() for name, t in self.head.items()})
         return out
 
     def peft_config(self) -> Any:
@@ -184,11 +240,17 @@ def _data_dict(run: RunAdapter) -> dict[str, Any]:
 
 
 def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the run's adapter to ``out`` in PEFT format at ``bits`` per parameter; return the delivery manifest."""
+    """Write the run's adapter to ``out`` in PEFT format at ``bits`` per parameter; return the delivery manifest.
+
+    Everything that can fail on bad input (run folder, model, data) is read before the first file is written, and a
+    failure while writing removes what was written: ``out`` never holds a half-written export.
+    """
     if bits not in EXPORT_BITS:
         raise AirloraError(f"--bits {bits!r} is not allowed; expected one of {', '.join(map(str, EXPORT_BITS))}")
     run = RunAdapter(run_dir)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AirloraError(f"--out {str(out)!r} is a file; expected a folder (new or empty) for the export")
     if (out / MANIFEST_FILE).exists() and not overwrite:
         raise AirloraError(f"--out {str(out)!r} already holds an export; choose another folder or --overwrite")
     tensors = run.peft_tensors()
@@ -209,16 +271,44 @@ def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: b
         payload = {}
         for key, t in tensors.items():
             payload[key], scales[f"{key}.scale"] = quantise_int8(t)
+
+    # 2. the cloud model's logits on a fixed batch, for the edge to compare against
+    from airlora.data import load_splits
+
+    data = _data_dict(run)
+    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
+    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
+    model, tokenizer = cloud_model(run)
+    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
+    reference = {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
+
+    # 3. the files, the manifest last: a failure removes what was written
     payload_file = PAYLOAD_FILES[bits]
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in {CONFIG_FILE, MANIFEST_FILE, *PAYLOAD_FILES.values()}:
         (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
-    tmp = out / f".{payload_file}.tmp"
-    save_file({**payload, **scales}, str(tmp), metadata={"format": "pt", "airlora_bits": str(bits)})
-    os.replace(tmp, out / payload_file)
-    run.peft_config().save_pretrained(str(out))
+    try:
+        tmp = out / f".{payload_file}.tmp"
+        save_file({**payload, **scales}, str(tmp), metadata={"format": "pt", "airlora_bits": str(bits)})
+        os.replace(tmp, out / payload_file)
+        run.peft_config().save_pretrained(str(out))
+        manifest = _manifest(run, out, bits, payload, scales, params, data, reference)
+        write_json_atomic(out / MANIFEST_FILE, manifest)
+    except BaseException:
+        for name in (CONFIG_FILE, MANIFEST_FILE, payload_file, f".{payload_file}.tmp"):
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return manifest
 
-    # 2. the accounting: tensor bytes = params × b / 8 exactly; everything else is overhead
+
+def _manifest(run: RunAdapter, out: Path, bits: int, payload: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
+              params: int, data: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """delivery.json for the files just written to ``out``; the byte accounting must add up exactly."""
+    payload_file = PAYLOAD_FILES[bits]
+    # tensor bytes = params × b / 8 exactly; everything else is overhead
     payload_bytes = sum(t.numel() * t.element_size() for t in payload.values())
     scale_bytes = sum(t.numel() * t.element_size() for t in scales.values())
     header_bytes = safetensors_header_bytes(out / payload_file)
@@ -231,17 +321,7 @@ def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: b
     t_max_s = float(run.summary["t_max_s"])
     accounted_bits = params * bits
     overhead_bytes = header_bytes + scale_bytes + config_bytes
-
-    # 3. the cloud model's logits on a fixed batch, for the edge to compare against
-    from airlora.data import load_splits
-
-    data = _data_dict(run)
-    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
-    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
-    model, tokenizer = cloud_model(run)
-    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
-
-    manifest = {
+    return {
         "format": "airlora-delivery/1",
         "run_dir": str(run.run_dir),
         "bits_per_param": bits,
@@ -268,11 +348,8 @@ def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: b
         "cloud_test_accuracy": run.summary["test_accuracy"],
         "data": data,
         "seed": run.config.train.seed,
-        "reference": {"sentences": sentences, "max_length": run.config.data.max_length,
-                      "logits": logits.tolist()},
+        "reference": reference,
     }
-    write_json_atomic(out / MANIFEST_FILE, manifest)  # last: an interrupted export has no manifest
-    return manifest
 
 
 def copy_for_peft(adir: Path, target: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -91,8 +91,9 @@ def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_dir(model)
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected: we train the head
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would stand before any error message
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
@@ -100,6 +101,8 @@ def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path
         raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     pad_id = ensure_pad_token(tokenizer)
     if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
         net.config.pad_token_id = pad_id

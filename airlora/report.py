@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from airlora.channel import Budget, capacity_bps, scale_matched_bandwidth_hz
+from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.config import RunConfig
 from airlora.models import module_map_without_weights
 from airlora.ranks import MODULES, parse_key
@@ -62,6 +62,7 @@ def print_channel(config: RunConfig, console: Console | None = None) -> None:
     """Capacity, budget bits and the largest uniform rank that fits, per SNR, for the configured model."""
     console = console or Console()
     ch = config.channel
+    values = sorted(set(SnrSchedule(ch, seed=0).values)) if ch.snr_schedule == "trace" else ch.snr_db
     module_map = module_map_without_weights(config.model, config.adapter.target_modules)
     bandwidth = ch.bandwidth_hz or scale_matched_bandwidth_hz(module_map.shapes)
     note = "" if ch.bandwidth_hz else " (scale-matched to the paper's OPT-1.3B at 100 MHz)"
@@ -71,7 +72,7 @@ def print_channel(config: RunConfig, console: Console | None = None) -> None:
     table = Table()
     for col in ("SNR dB", "C Mbit/s", "budget bits", f"r={config.adapter.r_max} bits", "uniform rank"):
         table.add_column(col, justify="right")
-    for snr_db in ch.snr_db:
+    for snr_db in values:
         cap = capacity_bps(snr_db, ch, bandwidth)
         budget = Budget.for_model(module_map.shapes, config.adapter.r_max, ch.bits_per_param, cap, ch.t_max_s)
         full = budget.bits({k: config.adapter.r_max for k in budget.keys})

@@ -23,12 +23,18 @@ from airlora.trainer import METRIC_COLUMNS, TrainResult, evaluate, restore, trai
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to mix two runs' results in one folder unless asked to replace them (or to continue one)."""
+    if out.exists() and not out.is_dir():
+        raise AirloraError(f"--out {str(out)!r} is a file; expected a folder for the run")
     if (out / "summary.json").exists() and not overwrite:
         what = "; nothing to resume" if resume else "; choose another folder or --overwrite"
         raise AirloraError(f"--out {str(out)!r} already holds a finished run{what}")
     if read_pointer(out) is not None and not (overwrite or resume):
         raise AirloraError(f"--out {str(out)!r} holds an unfinished run with a checkpoint; add --resume to continue "
                            "it or --overwrite to start again")
+
+
+def start_out_dir(out: Path, overwrite: bool) -> None:
+    """Create the run folder once the inputs have been read (a rejected run leaves nothing behind)."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         remove_checkpoints(out)
@@ -71,6 +77,7 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
         check_same_run(saved_config(out), config)
         checkpoint = load_checkpoint(out)
     session = build_session(config)
+    start_out_dir(out, overwrite)
     write_json_atomic(out / "config.json", resolved_config(session))
     result = train(session, out, checkpoint)
     write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)

@@ -13,9 +13,9 @@ def tiny_setup(tiny_files, tmp_path_factory):
     return (tmp_path_factory.mktemp("cli"), *tiny_files)
 
 
-def _airlora(*args, check=True):
+def _airlora(*args, check=True, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "airlora.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr)
     return proc
@@ -76,7 +76,7 @@ def test_channel_command_prints_capacity_and_uniform_rank(tiny_setup):
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, needle, tmp_path):
-    proc = _airlora(*args, check=False)
+    proc = _airlora(*args, check=False, cwd=tmp_path)
     assert proc.returncode == 2
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()

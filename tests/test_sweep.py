@@ -164,3 +164,17 @@ def test_smoke_sweep_and_report_hold_every_table_and_figure(tmp_path):
                             and r["inference_steps"] == n]) for n in (10, 50)}
     assert decision[10] < decision[50]
     assert all(r["budget_ok"] and r["steps_over_budget"] == 0 for r in rows)
+
+
+def test_ray_backend_runs_the_same_grid(tmp_path, tiny_files):
+    pytest.importorskip("ray")
+    path = tiny_sweep(tmp_path, tiny_files, {"a": {"allocator": ["uniform", "random"]}}, seeds=(0,))
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    airlora("sweep", path, "--out", local, "--quiet")
+    airlora("sweep", path, "--out", remote, "--backend", "ray", "--quiet", timeout=300)
+    rows = {o: {json.loads(line)["run_id"]: json.loads(line)
+                for line in (o / "results.jsonl").read_text().splitlines()} for o in (local, remote)}
+    assert rows[local].keys() == rows[remote].keys() and len(rows[local]) == 2
+    for run_id, row in rows[local].items():  # same seeds, same CPU: the same numbers either way
+        assert row["test_accuracy"] == rows[remote][run_id]["test_accuracy"]
+        assert row["ranks"] == rows[remote][run_id]["ranks"]

@@ -33,11 +33,8 @@ Job = tuple[str, dict[str, Any], str]
 
 def run_one(config_data: dict[str, Any], run_dir: str) -> Outcome:
     """Worker body: one `airlora run`; any error is written to ``failed.json`` and returned, never raised."""
-    from transformers.utils import logging as hf_logging
-
     from airlora.run import run
 
-    hf_logging.disable_progress_bar()  # one sweep bar, not a weight-loading bar per run
     out = Path(run_dir)
     (out / "failed.json").unlink(missing_ok=True)
     try:
