@@ -305,7 +305,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if hint is float and isinstance(value, str):
         with contextlib.suppress(ValueError):
             float(value)
-            hint_text = " (YAML reads 1e6 as text: write 1.0e6 or 1000000)"
+            hint_text = " (YAML reads 1e6 as text: write 1.0e+6 or 1000000)"
     raise AirloraError(f"{name} = {value!r} has the wrong type; expected {getattr(hint, '__name__', hint)}{hint_text}")
 
 

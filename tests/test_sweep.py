@@ -178,3 +178,11 @@ def test_ray_backend_runs_the_same_grid(tmp_path, tiny_files):
     for run_id, row in rows[local].items():  # same seeds, same CPU: the same numbers either way
         assert row["test_accuracy"] == rows[remote][run_id]["test_accuracy"]
         assert row["ranks"] == rows[remote][run_id]["ranks"]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "paper-cpu", "paper-gpu"])
+def test_presets_parse_with_enough_seeds(preset):
+    sweep = load_sweep(ROOT / "configs" / f"{preset}.yaml")
+    seeds = {r.config.train.seed for r in sweep.runs}
+    assert len(seeds) >= (2 if preset == "smoke" else 3)
+    assert {r.config.allocator for r in sweep.runs} == {"uniform", "random", "heuristic", "adalora", "airllm"}
