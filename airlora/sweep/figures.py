@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 from airlora.ranks import MODULES, parse_key  # noqa: E402
 from airlora.sweep.stats import mean_ci  # noqa: E402
-from airlora.sweep.tables import group, label, methods_in  # noqa: E402
+from airlora.sweep.tables import group, label, methods_in, setting  # noqa: E402
 
 Row = dict[str, Any]
 
@@ -102,21 +102,26 @@ def rank_heatmaps(rows: list[Row], path: Path) -> Path:
 
 
 def pareto(rows: list[Row], path: Path) -> Path:
-    """Accuracy vs on-air bits: every run as a dot, each method's mean as a marker, and the front of the means.
+    """Accuracy vs on-air bits: every run as a dot, each setting's mean over seeds as a marker coloured by
+    method, and the front of the setting means.
 
-    No error bars here: with a handful of seeds a t-interval spans most of the plot; the tables carry them."""
+    No error bars here: with a handful of seeds a t-interval spans most of the plot; the table carries them."""
     fig, ax = plt.subplots(figsize=(6.8, 4.4), layout="constrained")
     means = []
     for method in methods_in(rows):
-        chunk = [r for r in rows if r["method"] == method]
-        bits = np.array([r["transmitted_bits"] for r in chunk]) / 1e6
-        acc = np.array([r["test_accuracy"] for r in chunk])
-        dots = ax.scatter(bits, acc, s=10, alpha=0.35)
-        ax.scatter(bits.mean(), acc.mean(), s=70, marker="D", edgecolor="black", color=dots.get_facecolor()[0][:3],
-                   label=f"{label(method)} (runs={len(chunk)})")
-        means.append((float(bits.mean()), float(acc.mean())))
-    ax.plot(*zip(*pareto_front(means), strict=True), "k--", lw=1, label="Pareto front of the means")
-    ax.set(xlabel="on-air adapter size (Mbit)", ylabel="test accuracy", title="Accuracy vs bits sent, every run")
+        settings = group([r for r in rows if r["method"] == method], setting)
+        colour = None
+        for chunk in settings.values():
+            bits = np.array([r["transmitted_bits"] for r in chunk]) / 1e6
+            acc = np.array([r["test_accuracy"] for r in chunk])
+            dots = ax.scatter(bits, acc, s=10, alpha=0.3, color=colour)
+            colour = dots.get_facecolor()[0][:3]
+            ax.scatter(bits.mean(), acc.mean(), s=60, marker="D", edgecolor="black", color=colour)
+            means.append((float(bits.mean()), float(acc.mean())))
+        ax.scatter([], [], s=60, marker="D", edgecolor="black", color=colour,
+                   label=f"{label(method)} ({len(settings)} setting{'s' * (len(settings) > 1)})")
+    ax.plot(*zip(*pareto_front(means), strict=True), "k--", lw=1, label="Pareto front of the setting means")
+    ax.set(xlabel="on-air adapter size (Mbit)", ylabel="test accuracy", title="Accuracy vs bits sent, every setting")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return save(fig, path)

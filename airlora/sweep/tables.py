@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from functools import cache
 from typing import Any
+
+from airlora.config import RunConfig, flatten
 
 from airlora.sweep.stats import mean_ci
 
@@ -35,6 +38,24 @@ def group(rows: Iterable[Row], key: str | Callable[[Row], Any]) -> dict[Any, lis
     for r in rows:
         out[key(r) if callable(key) else r[key]].append(r)
     return dict(out)
+
+
+def setting(row: Row) -> str:
+    """What a run set besides its seed: its method and each value that differs from the defaults."""
+    defaults = _defaults()
+    extra = [f"{key.rsplit('.', 1)[-1]} {_value(value)}" for key, value in sorted(row["params"].items())
+             if key not in ("allocator", "policy.variant", "train.seed") and defaults.get(key, object()) != value]
+    return ", ".join([label(row["method"])] + extra)
+
+
+@cache
+def _defaults() -> dict[str, Any]:
+    return flatten(RunConfig().to_dict())
+
+
+def _value(value: Any) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}" if isinstance(
+        value, float) else str(value)
 
 
 def methods_in(rows: Iterable[Row]) -> list[str]:
@@ -72,6 +93,13 @@ def table_by(rows: list[Row], key: str, key_title: str, methods: bool = True,
             body.append(line)
     header = [key_title] + (["method"] if methods else []) + [title for title, *_ in fields]
     return markdown(header, body)
+
+
+def table_settings(rows: list[Row]) -> str:
+    """One line per distinct setting (its runs differ only in the seed), by increasing mean on-air bits."""
+    chunks = sorted(group(rows, setting).items(), key=lambda kv: mean_ci([r["transmitted_bits"] for r in kv[1]]).mean)
+    body = [[name, cell(chunk, "test_accuracy"), cell(chunk, "transmitted_bits", 3, 1e-6)] for name, chunk in chunks]
+    return markdown(["setting", "test accuracy", "on-air Mbit"], body)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
