@@ -163,6 +163,9 @@ class TrainConfig:
     """Torch intra-op threads; None uses every core."""
     progress: bool = True
     """Show a progress bar."""
+    fast_dropout: bool = True
+    """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
+    ``bernoulli_``, same p and scaling); False keeps torch's dropout."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)

@@ -18,6 +18,7 @@ from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_ban
 from airlora.config import RunConfig
 from airlora.data import Splits, load_splits, load_vocabulary, reference_vocabulary
 from airlora.errors import AirloraError
+from airlora.dropout import use_fast_dropout
 from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
 
 
@@ -93,6 +94,8 @@ def build_session(config: RunConfig) -> Session:
     model, tokenizer, model_dir = load_model(config.model)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
+    if config.train.fast_dropout:
+        use_fast_dropout(model)
     device = resolve_device(config.train.device)
     model.to(device)
     head = head_parameters(model, module_map)

