@@ -163,6 +163,10 @@ class TrainConfig:
     """Torch intra-op threads; None uses every core."""
     progress: bool = True
     """Show a progress bar."""
+    autocast: str = "off"
+    """Mixed precision of forward passes: 'off' (fp32) or 'bf16' (``torch.autocast``; adapters, optimiser state
+    and the orthogonality term stay fp32). On a GPU with bf16 it is the speed-up to take; on CPUs without
+    AVX512-BF16 or AMX, like the 2-core reference machine, bf16 matmuls are ~70× slower than fp32, so it is off."""
     fast_dropout: bool = True
     """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
     ``bernoulli_``, same p and scaling); False keeps torch's dropout."""
@@ -183,6 +187,7 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "train.device",
                "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
+        _check(self.autocast in ("off", "bf16"), "train.autocast", "'off' or 'bf16'", self.autocast)
 
 
 @dataclass

@@ -17,8 +17,8 @@ from airlora.batching import Batch, TrainBatches, eval_batches
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.config import RunConfig
 from airlora.data import Splits, load_splits, load_vocabulary, reference_vocabulary
-from airlora.errors import AirloraError
 from airlora.dropout import use_fast_dropout
+from airlora.errors import AirloraError
 from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
 
 
@@ -81,6 +81,10 @@ class Session:
         )
         return budget
 
+    def autocast(self) -> torch.autocast:
+        """The context of every forward pass: bf16 autocast when ``train.autocast`` asks for it, else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.autocast == "bf16")
+
     def paper_params(self, ranks: dict[str, int]) -> int:
         """The paper's count Σ r·(2·d_h + 1) plus the head (exact only for square matrices)."""
         return sum(r * (2 * self.module_map.hidden_size + 1) for r in ranks.values()) + self.head_params
@@ -97,6 +101,8 @@ def build_session(config: RunConfig) -> Session:
     if config.train.fast_dropout:
         use_fast_dropout(model)
     device = resolve_device(config.train.device)
+    if config.train.autocast == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise AirloraError("train.autocast = 'bf16' but this GPU has no bfloat16 support; use 'off'")
     model.to(device)
     head = head_parameters(model, module_map)
     for p in head.values():

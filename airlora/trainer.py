@@ -72,7 +72,7 @@ def evaluate(session: Session, batches: list[Batch]) -> float:
     was_training = model.training
     model.eval()
     correct = total = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), session.autocast():
         for batch in batches:
             batch = batch.to(session.device)
             logits = model(**batch.inputs).logits
@@ -124,7 +124,8 @@ class FineTuner:
         """Forward, backward and optimiser step on one batch; gradients stay until ``zero_grad``."""
         cfg, model = self.session.config, self.session.model
         batch = batch.to(self.session.device)
-        loss = model(**batch.inputs, labels=batch.labels).loss
+        with self.session.autocast():
+            loss = model(**batch.inputs, labels=batch.labels).loss
         weight = cfg.adapter.orth_reg_weight
         task_loss = float(loss.detach())
         if not math.isfinite(task_loss):  # before the update, so a NaN never reaches the weights

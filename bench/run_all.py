@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import bf16_autocast
 import common  # noqa: F401  (puts the checkout on sys.path)
 import ddim_steps
 import decision_overhead
@@ -24,6 +25,7 @@ def main() -> None:
     overhead = decision_overhead.measure(iters=10 if quick else 30)
     throughput = throughput_vs_peft.measure(iters=6 if quick else 20)
     ddim = ddim_steps.measure(calls=50 if quick else 200)
+    bf16 = bf16_autocast.measure(iters=1 if quick else 2)
     default = default_run.measure("uniform", steps)
     airllm = default_run.measure("airllm", steps)
     print(json.dumps({
@@ -35,8 +37,9 @@ def main() -> None:
         "ddim_steps_time": ddim,
         "peak_rss_mb": default["peak_rss_mb"],
         "airllm_run_s_per_step_all_in": airllm["s_per_step_all_in"],
-        "details": {"decision_overhead": overhead, "throughput": throughput, "default_run": default,
-                    "airllm_run": airllm},
+        "bf16_step_time_vs_fp32": bf16["bf16_step_time_vs_fp32"],
+        "details": {"decision_overhead": overhead, "throughput": throughput, "bf16_autocast": bf16,
+                    "default_run": default, "airllm_run": airllm},
     }, indent=2))
 
 

@@ -17,7 +17,6 @@ import json
 import torch
 from common import default_session, interleaved, mean
 from peft import LoraConfig, get_peft_model
-
 from torch import nn
 
 from airlora.dropout import FastDropout

@@ -3,11 +3,14 @@
 import csv
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from airlora.config import merge
 from airlora.run import run
-from airlora.trainer import reward_converged
+from airlora.session import build_session
+from airlora.trainer import FineTuner, evaluate, reward_converged
 
 
 @pytest.mark.parametrize("lam, reward, expected", [
@@ -50,3 +53,17 @@ def test_adalora_delivers_only_its_final_allocation(tiny_config, tmp_path):
     final_phase = 10 - round(0.2 * 10)  # steps − tfinal (adalora.tfinal_share 0.2)
     assert summary["best_step"] >= final_phase
     assert int(rows[summary["best_step"]]["total_rank"]) == sum(summary["ranks"].values())
+
+
+def test_bf16_autocast_trains_close_to_fp32_and_keeps_fp32_weights(tiny_config):
+    losses, accuracies = {}, {}
+    for mode in ("off", "bf16"):
+        session = build_session(merge(tiny_config, {"train.autocast": mode}))
+        tuner = FineTuner(session)
+        losses[mode] = [tuner.step(session.train_batches.batch(i)) for i in range(3)]
+        tuner.zero_grad()
+        accuracies[mode] = evaluate(session, session.val_batches)
+        assert all(p.dtype == torch.float32 for p in session.adapters.parameters())
+    assert losses["off"] != losses["bf16"]  # the forward did run in bf16
+    assert np.allclose(losses["bf16"], losses["off"], atol=0.03), losses
+    assert abs(accuracies["bf16"] - accuracies["off"]) <= 0.1

@@ -8,7 +8,6 @@ from functools import cache
 from typing import Any
 
 from airlora.config import RunConfig, flatten
-
 from airlora.sweep.stats import mean_ci
 
 Row = dict[str, Any]
