@@ -10,7 +10,7 @@ import torch
 from airlora.config import merge
 from airlora.run import run
 from airlora.session import build_session
-from airlora.trainer import FineTuner, evaluate, reward_converged
+from airlora.trainer import FineTuner, evaluate, linear_warmup_decay, reward_converged
 
 
 @pytest.mark.parametrize("lam, reward, expected", [
@@ -19,6 +19,40 @@ from airlora.trainer import FineTuner, evaluate, reward_converged
 ])
 def test_reward_threshold_is_min_of_minus_lambda_and_minus_half(lam, reward, expected):
     assert reward_converged(reward, lam) is expected
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 300), (0, 5), (7, 7), (50, 20), (1, 1)])
+def test_learning_rate_schedule_is_transformers_linear_warmup(warmup, total):
+    from transformers.optimization import get_linear_schedule_with_warmup
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference = get_linear_schedule_with_warmup(torch.optim.SGD([param], lr=1.0), min(warmup, total), total)
+    factor = linear_warmup_decay(warmup, total)
+    assert [factor(s) for s in range(total + 3)] == [reference.lr_lambdas[0](s) for s in range(total + 3)]
+
+
+def test_fused_optimiser_leaves_cut_triplets_exactly_unchanged(tiny_config):
+    session = build_session(tiny_config)
+    tuner = FineTuner(session)
+    session.model.train()
+    assert tuner.optimizer.defaults["fused"]
+    full = session.adapters.ranks()
+    for step in range(2):  # build up momentum on every triplet first
+        tuner.apply(full)
+        tuner.step(session.train_batches.batch(step))
+        tuner.zero_grad()
+    tuner.apply(dict.fromkeys(full, 1))
+    before = session.adapters.state()
+    for step in range(2, 5):
+        tuner.step(session.train_batches.batch(step))
+        tuner.zero_grad()
+    after = session.adapters.state()
+    for key, module in session.adapters.modules.items():
+        cut = [i for i in range(module.r_max) if i not in module.active.tolist()]
+        assert cut and torch.equal(before[f"{key}.P"][:, cut], after[f"{key}.P"][:, cut])
+        assert torch.equal(before[f"{key}.Q"][cut], after[f"{key}.Q"][cut])
+        active = module.active.tolist()
+        assert not torch.equal(before[f"{key}.Q"][active], after[f"{key}.Q"][active])  # the live ones did move
 
 
 def test_summary_reports_the_delivered_best_checkpoint(tiny_config, tmp_path):
