@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from airlora.errors import AirloraError
 from airlora.policy.config import DiffusionConfig
-from airlora.policy.denoisers import MLPDenoiser, UNet1DDenoiser
+from airlora.policy.denoisers import Denoiser, MLPDenoiser, UNet1DDenoiser
 from airlora.policy.diffusion import (
     Critic,
     DiffusionRefiner,
@@ -98,24 +98,76 @@ def test_sample_matches_a_reference_loop_over_diffusers_step(prediction):
 def test_sample_makes_one_network_call_per_step(w, branches):
     refiner = make_refiner(8, 3)
     calls = []
-    inner = refiner.denoiser.denoise_fn
+    inner = refiner.denoiser.guided_fn
 
-    def counting_fn():
-        fn = inner()
+    def counting_fn(t_embs, c_emb, weights):
+        fn = inner(t_embs, c_emb, weights)
 
-        def denoise(x, t_emb, c_emb):
+        def guided(i, x):
             calls.append(c_emb.shape[0])
-            return fn(x, t_emb, c_emb)
+            return fn(i, x)
 
-        return denoise
+        return guided
 
-    refiner.denoiser.denoise_fn = counting_fn
+    refiner.denoiser.guided_fn = counting_fn
     action = refiner.sample(torch.randn(4, 3), torch.Generator().manual_seed(0), guidance_scale=w, steps=7)
     assert calls == [branches] * 7
     # the action is an ordinary tensor: a critic can be trained on it
     critic = Critic(3, 8, hidden=8)
     critic.reward_loss(torch.zeros(4, 3), action, torch.zeros(4)).backward()
     assert critic.net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("weights", [[1.0], [1.5, -0.5], [3.0, -2.0]])
+def test_mlp_fused_guidance_matches_separate_branches(weights, blocks):
+    torch.manual_seed(0)
+    denoiser = MLPDenoiser(8, 5, hidden=32, blocks=blocks, time_embed_dim=16)
+    for p in denoiser.parameters():  # away from the initialisation, so every weight and bias matters
+        p.data.add_(0.3 * torch.randn_like(p))
+    k, batch = len(weights), 3
+    cond = torch.randn(batch, 5)
+    null = torch.tensor([False, True][:k]).repeat_interleave(batch)
+    c_emb = denoiser.embed_cond(cond.repeat(k, 1), null).reshape(k, batch, -1)
+    t_embs = denoiser.embed_time(torch.tensor([90, 40, 0]))
+    fused = denoiser.guided_fn(t_embs, c_emb, weights)
+    for i, t in enumerate([90, 40, 0]):
+        x = torch.randn(batch, 8)
+        branches = [denoiser(x, torch.full((batch,), t), cond, torch.full((batch,), bool(j))) for j in range(k)]
+        expected = sum(w * out for w, out in zip(weights, branches, strict=True))
+        torch.testing.assert_close(fused(i, x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Denoiser.guided_fn(denoiser, t_embs, c_emb, weights)(i, x), expected,
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("denoiser", ["mlp", "unet"])
+def test_sampler_cache_follows_every_weight_change(denoiser):
+    refiner, other = make_refiner(8, 3, denoiser=denoiser, guidance_scale=1.5), make_refiner(8, 3, seed=1,
+                                                                                          denoiser=denoiser)
+    cond = torch.randn(2, 3)
+
+    def sample(r):
+        return r.sample(cond, torch.Generator().manual_seed(4))
+
+    first = sample(refiner)
+    assert torch.equal(sample(refiner), first)  # served from the cache, same result
+    refiner.denoiser.load_state_dict(other.denoiser.state_dict())
+    assert torch.equal(sample(refiner), sample(make_refiner(8, 3, seed=1, denoiser=denoiser,
+                                                            guidance_scale=1.5)))
+    before = sample(refiner)
+    train(refiner, three_targets, steps=1)  # one optimiser step
+    fresh = make_refiner(8, 3, denoiser=denoiser, guidance_scale=1.5)
+    fresh.denoiser.load_state_dict(refiner.denoiser.state_dict())
+    after = sample(refiner)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, sample(fresh), atol=0, rtol=0)
+
+
+def test_guidance_weights_must_sum_to_one():
+    denoiser = MLPDenoiser(8, 5, hidden=32, time_embed_dim=16)
+    c_emb = torch.zeros(2, 1, 32)
+    with pytest.raises(ValueError, match="summing to 1"):
+        denoiser.guided_fn(denoiser.embed_time(torch.tensor([3])), c_emb, [1.5, 0.5])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

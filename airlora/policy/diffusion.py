@@ -8,7 +8,7 @@ schedulers are diffusers' `DDIMScheduler` (sampling) and `DDPMScheduler` (the PP
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,20 @@ def scheduler_kwargs(config: DiffusionConfig) -> dict[str, Any]:
     return kwargs
 
 
-DDIMCoefficients = tuple[Tensor, Tensor, Tensor, Tensor]
-"""Per-step (√ᾱ_τ, √(1−ᾱ_τ), √ᾱ_prev, √(1−ᾱ_prev)) of a DDIM reverse step, as 0-dim float32 tensors."""
+class DDIMCoefficients(NamedTuple):
+    """Per-step numbers of a DDIM reverse step: √ᾱ_τ, √(1−ᾱ_τ), √ᾱ_prev, √(1−ᾱ_prev) as 0-dim float32 tensors.
+
+    `ratio` is √ᾱ_prev/√ᾱ_τ, and `scalars` (√ᾱ_τ, √(1−ᾱ_τ), √(1−ᾱ_prev)) the same numbers as Python floats
+    for the ops that take them as scalar arguments (`add`'s alpha, `clamp`'s bounds); a multiplier is cheaper as
+    a 0-dim tensor, because a Python float factor is wrapped into a tensor at every call.
+    """
+
+    a: Tensor
+    b: Tensor
+    a_prev: Tensor
+    b_prev: Tensor
+    ratio: Tensor
+    scalars: tuple[float, float, float]
 
 
 def ddim_coefficients(scheduler: DDIMScheduler, steps: int) -> tuple[Tensor, list[DDIMCoefficients]]:
@@ -71,7 +83,6 @@ def ddim_coefficients(scheduler: DDIMScheduler, steps: int) -> tuple[Tensor, lis
     `DDIMScheduler.step` costs tens of microseconds of Python and tensor indexing per call, as much as the network
     itself at this size, so the sampler applies the update with numbers read once from the scheduler's own
     `timesteps` and `alphas_cumprod`, with its rules prev = τ − T // N and ᾱ_prev = final_alpha_cumprod below 0.
-    They are 0-dim tensors because multiplying by a Python float costs twice as much (it is wrapped each time).
     """
     scheduler.set_timesteps(steps)
     alphas, stride = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps // steps
@@ -79,19 +90,24 @@ def ddim_coefficients(scheduler: DDIMScheduler, steps: int) -> tuple[Tensor, lis
     for t in scheduler.timesteps.tolist():
         ab = alphas[t]
         ab_prev = alphas[t - stride] if t - stride >= 0 else scheduler.final_alpha_cumprod.to(alphas.dtype)
-        table.append((ab.sqrt(), (1 - ab).sqrt(), ab_prev.sqrt(), (1 - ab_prev).sqrt()))
+        a, b, a_prev, b_prev = ab.sqrt(), (1 - ab).sqrt(), ab_prev.sqrt(), (1 - ab_prev).sqrt()
+        table.append(DDIMCoefficients(a, b, a_prev, b_prev, a_prev / a, (a.item(), b.item(), b_prev.item())))
     return scheduler.timesteps.clone(), table
 
 
 def ddim_step(model_output: Tensor, sample: Tensor, coefficients: DDIMCoefficients, prediction_type: str,
               clip_sample: bool) -> Tensor:
     """x_{τ−1} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂ (paper Eq. 17 with σ = 0), as `DDIMScheduler.step` with eta 0."""
-    a, b, a_prev, b_prev = coefficients
+    a, b, a_prev, b_prev, ratio, (a_f, b_f, b_prev_f) = coefficients
+    if prediction_type == "epsilon":  # the default, in four ops: with y = a·x̂0 = x − b·ε,
+        # clipping x̂0 to [−1, 1] is clipping y to [−a, a], and a_prev·x̂0 + b_prev·ε = (a_prev/a)·y + b_prev·ε
+        y = torch.add(sample, model_output, alpha=-b_f)
+        if clip_sample:
+            y = y.clamp_(-a_f, a_f)
+        return y.mul_(ratio).add_(model_output, alpha=b_prev_f)
     # addcmul(u, v, c, value=s) = u + s·c·v saves an op per product; at this size ops, not flops, cost time.
     # 1. predicted x̂0 and ε̂ from the network output (ε, v or x0); ε̂ from the unclipped x̂0, as diffusers does
-    if prediction_type == "epsilon":
-        x0_hat, eps_hat = torch.addcmul(sample, model_output, b, value=-1).div_(a), model_output  # (x − b·ε)/a
-    elif prediction_type == "v_prediction":
+    if prediction_type == "v_prediction":
         x0_hat = torch.addcmul(a * sample, model_output, b, value=-1)  # a·x − b·v
         eps_hat = torch.addcmul(a * model_output, sample, b)  # a·v + b·x
     else:
@@ -241,17 +257,12 @@ class DiffusionRefiner(nn.Module):
             if steps not in self._ddim_tables:
                 self._ddim_tables[steps] = ddim_coefficients(self.ddim, steps)
             timesteps, table = self._ddim_tables[steps]
-        t_embs = self.denoiser.embed_time(timesteps).unbind(0)  # N × (E,), every step at once
-        w_tensor = torch.tensor(w, dtype=c_emb.dtype)
-        denoise = self.denoiser.denoise_fn()
-        for i, t_emb in enumerate(t_embs):
-            # 3. one batched network call for both branches, then guidance uncond + w·(cond − uncond)
-            out = denoise(x, t_emb, c_emb)  # (K, B, D)
-            if k == 2:
-                out_cond, out_null = out.unbind(0)
-                out = torch.lerp(out_null, out_cond, w_tensor)
-            else:
-                out = out[0]
+        # 3. the guided network uncond + w·(cond − uncond) = w·cond + (1 − w)·null, both branches in one call
+        weights = [1.0] if k == 1 else [w, 1.0 - w]
+        t_embs = self.denoiser.cached(("embed_time", cfg.sampler, steps), lambda: self.denoiser.embed_time(timesteps))
+        guided = self.denoiser.guided_fn(t_embs, c_emb, weights)
+        for i in range(len(timesteps)):
+            out = guided(i, x)  # (B, D)
             # 4. reverse step (paper Eq. 17)
             if cfg.sampler == "ddpm":
                 x = self.ddpm.step(out, timesteps[i], x, generator=generator).prev_sample
