@@ -135,6 +135,29 @@ def test_orthogonality_regulariser():
     assert float(adapters.orthogonality().detach()) > 0.1
 
 
+@pytest.mark.parametrize("family", ["bert", "opt"])
+def test_batched_orthogonality_is_the_mean_of_each_modules_active_penalty(family):
+    _, adapters = _adapted(family)
+    adapters.set_ranks({k: i % (adapters.r_max + 1) for i, k in enumerate(adapters.modules)})  # 0 included
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    def reference(m):
+        P, Q = m.P[:, m.active], m.Q[m.active]
+        eye = torch.eye(m.rank)
+        return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
+
+    got = adapters.orthogonality()
+    expected = torch.stack([reference(m) for m in adapters.modules.values()]).mean()
+    torch.testing.assert_close(got, expected)
+    factors = [f for m in adapters.modules.values() for f in (m.P, m.Q)]
+    for g, e in zip(torch.autograd.grad(got, factors), torch.autograd.grad(expected, factors), strict=True):
+        torch.testing.assert_close(g, e)  # inactive triplets get exactly zero in both
+    for m in adapters.modules.values():
+        torch.testing.assert_close(m.orthogonality(), reference(m))
+
+
 def test_state_round_trip_restores_ranks_and_values():
     model, adapters = _adapted("opt")
     adapters.set_ranks({k: 2 for k in adapters.modules})
