@@ -110,8 +110,10 @@ class DataConfig:
     """Training batch size (paper: 32)."""
     bucket_batches: int = 50
     """Training batches per length-sorting chunk (less padding, same epoch); 1 turns length bucketing off."""
-    eval_batch_size: int = 128
-    """Batch size for validation and test passes."""
+    eval_batch_size: int = 32
+    """Batch size for validation and test passes (length-sorted). On a CPU small is faster: padding is 2.6 % of the
+    tokens at 32 and 10 % at 128, and a validation pass of the default run took 5.7 s against 6.9 s; on a GPU a
+    larger one fills the device better (configs/paper-gpu.yaml uses 128)."""
     val_size: int = 1000
     """Validation examples held out of the training data (deterministic, seeded)."""
     test_size: int = 2000
