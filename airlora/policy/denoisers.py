@@ -7,7 +7,9 @@ Each network splits its forward pass into three verbs so the sampler can compute
 during one decision only once: `embed_time(t)` for every reverse step at once, `embed_cond(cond, null_mask)`
 once per decision, and `denoise(x, t_emb, c_emb)` per step. Leading dimensions of the three inputs broadcast,
 so one call evaluates x under both guidance branches: x (B, D), c_emb (K, B, E) -> (K, B, D).
-`forward(x, t, cond, null_mask)` chains them for training.
+`forward(x, t, cond, null_mask)` chains them for training. The sampler asks for `guided_fn`, the guided output
+of one reverse step; the MLP overrides it with a fused form, and `cached` keeps what depends on the weights only
+(the time embeddings of a schedule, the MLP's rearranged weights) until the weights change.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Denoiser(nn.Module):
         t_embs (N, E) from `embed_time`, one row per reverse step; c_emb (K, B, E), one condition embedding per
         guidance branch (K = 1 or 2); weights (K,). Classifier-free guidance uncond + w·(cond − uncond) is
         weights (w, 1 − w) on branches (cond, null). One network call per step evaluates every branch.
+        For sampling: an override may use constant copies of the weights, through which no gradient flows.
         """
         _check_branches(c_emb.shape[0], weights)
         denoise, steps = self.denoise_fn(), t_embs.unbind(0)
@@ -154,8 +157,8 @@ class MLPDenoiser(Denoiser):
         return denoise
 
     def guided_fn(self, t_embs: Tensor, c_emb: Tensor, weights: Sequence[float]) -> Callable[[int, Tensor], Tensor]:
-        # The same network in fewer, cheaper ops, worked out once per decision (a decision is ~50 steps of ~10
-        # ops on one or two rows, so an op saved per step is worth more than its arithmetic):
+        # The same network in fewer, cheaper ops (a decision is ~50 steps of ~10 ops on one or two rows, so an op
+        # saved per step is worth more than its arithmetic); the rearranged weights are `cached`:
         # - rows hold their K branches side by side, (B, K·E), so one addmm gives x's projection plus every
         #   step's precomputed t_emb + c_emb + bias for all branches; viewed as (B·K, E) for the blocks;
         # - the weights are transposed to contiguous (in, out) once: addmm on them skips F.linear's transpose;
