@@ -1,8 +1,8 @@
 """The rank-allocation MDP (paper §III-C) as a Gymnasium environment around a live fine-tuning session.
 
-Letters: D = 6L action dimension (one rank per adapted module), S = 4 + D state dimension.
+Letters: D = 6L action dimension (one rank per adapted module), S = 5 + D state dimension.
 
-State s = {SNR, W, H, ρ, r / r_max}, all in [0, 1]; action = the rank vector in {0..r_max}^D; one step =
+State s = {SNR, W, H, ρ, progress, r / r_max}, all in [0, 1]; action = the rank vector in {0..r_max}^D; one step =
 project the ranks onto the airtime budget, apply them, run one training batch, reward R = −U − λ·η.
 An episode is ``episode_steps`` steps (15 in the paper) of the same ongoing fine-tuning run: ``reset()``
 starts a new episode and keeps training the same model. ``reset(seed=s)`` restarts the run itself (adapter
@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from airlora.session import Session
-from airlora.state import state_vector
+from airlora.state import HEAD_FEATURES, state_vector
 from airlora.trainer import FineTuner
 
 
@@ -37,7 +37,7 @@ class RankAllocationEnv(gym.Env):
         self.r_max = session.config.adapter.r_max
         self.episode_steps = episode_steps
         self.action_space = spaces.MultiDiscrete(np.full(len(self.keys), self.r_max + 1))
-        self.observation_space = spaces.Box(0.0, 1.0, shape=(4 + len(self.keys),), dtype=np.float32)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(HEAD_FEATURES + len(self.keys),), dtype=np.float32)
         self.tuner = FineTuner(session)
         self._start = (session.adapters.state(), {k: p.detach().clone() for k, p in session.head.items()})
         self.global_step = 0
@@ -60,7 +60,7 @@ class RankAllocationEnv(gym.Env):
         batch = s.train_batches.batch(self.global_step)
         ranks = [s.adapters.ranks()[k] for k in self.keys]
         return state_vector(s.snr.snr_db(self.global_step), s.bandwidth_hz, batch.lexical_entropy,
-                            batch.oov_rate, ranks, self.r_max)
+                            batch.oov_rate, ranks, self.r_max, self.global_step / s.config.train.steps)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start a new episode; with a ``seed``, restart the fine-tuning run itself (see the module docstring)."""

@@ -167,6 +167,17 @@ def count_parameters(params: dict[str, torch.Tensor]) -> int:
 
 def module_map_without_weights(model: str, target_modules: dict[str, str] | None = None) -> ModuleMap:
     """The module map of a checkpoint, built on the meta device: shapes only, no weights read (fast for 1.3B)."""
+    return resolve_modules(_meta_model(model), target_modules)
+
+
+def shapes_without_weights(model: str, target_modules: dict[str, str] | None = None) -> tuple[ModuleMap, int]:
+    """The module map and the task head's parameter count of a checkpoint, from the meta device (no weights read)."""
+    net = _meta_model(model)
+    module_map = resolve_modules(net, target_modules)
+    return module_map, count_parameters(head_parameters(net, module_map))
+
+
+def _meta_model(model: str) -> nn.Module:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_dir(model)
@@ -175,5 +186,4 @@ def module_map_without_weights(model: str, target_modules: dict[str, str] | None
     except (OSError, ValueError) as err:
         raise AirloraError(f"model {str(path)!r}: config.json could not be read: {err}") from None
     with torch.device("meta"):
-        net = AutoModelForSequenceClassification.from_config(config)
-    return resolve_modules(net, target_modules)
+        return AutoModelForSequenceClassification.from_config(config)

@@ -280,7 +280,7 @@ def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | N
     snr_db = session.snr.snr_db(step)
     batch = session.train_batches.batch(step) if batch is None else batch
     return AllocationContext(step, snr_db, session.budget(snr_db), batch.lexical_entropy, batch.oov_rate, ranks,
-                             session.bandwidth_hz)
+                             session.bandwidth_hz, step / session.config.train.steps)
 
 
 def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float) -> dict[str, Any]:

@@ -33,8 +33,8 @@ def test_steps_stay_in_budget_and_reward_is_minus_loss_minus_lambda_eta(tiny_con
 
 
 def test_state_vector_is_normalised():
-    s = state_vector(-5.0, 4.69e6, 0.8, 0.1, [0, 4, 8], 8)
-    assert s.dtype == np.float32 and s.shape == (7,)
+    s = state_vector(-5.0, 4.69e6, 0.8, 0.1, [0, 4, 8], 8, progress=0.25)
+    assert s.dtype == np.float32 and s.shape == (8,)
     assert np.all((s >= 0) & (s <= 1))
-    np.testing.assert_allclose(s[4:], [0, 0.5, 1])
-    assert state_vector(-100.0, 1.0, float("nan"), 2.0, [9], 8).tolist() == [0, 0, 0, 1, 1]
+    np.testing.assert_allclose(s[4:], [0.25, 0, 0.5, 1])
+    assert state_vector(-100.0, 1.0, float("nan"), 2.0, [9], 8, progress=3.0).tolist() == [0, 0, 0, 1, 1, 1]

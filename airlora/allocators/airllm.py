@@ -1,6 +1,6 @@
 """AirLLM allocator (paper §IV, Algorithm 1): PPO proposes a coarse action, a conditional DDIM refines it.
 
-Letters: S state dim (4 + D), A coarse dim, D = 6L action dim, C = S + A condition dim, N buffer size.
+Letters: S state dim (5 + D), A coarse dim, D = 6L action dim, C = S + A condition dim, N buffer size.
 
 Each decision: s = state_vector(SNR, W, H, ρ, r/r_max); a_out ~ π(·|s); x0 ~ refiner(cond = [s, a_out]) with
 classifier-free guidance; ranks = clip(floor(decode(x0)), 0, r_max); the trainer projects them onto the budget.
@@ -29,7 +29,7 @@ from airlora.policy.diffusion import Critic, DiffusionRefiner, decode_ranks, enc
 from airlora.policy.ppo import PPO, compute_gae
 from airlora.policy.threads import single_thread
 from airlora.ranks import RankMap
-from airlora.state import state_vector
+from airlora.state import HEAD_FEATURES, state_vector
 
 POLICY_FILE = "policy.pt"
 METRICS_FILE = "policy_metrics.csv"
@@ -56,7 +56,7 @@ class AirLLMAllocator(Allocator):
         self.keys = list(ctx.budget.keys)
         self.r_max = ctx.budget.r_max
         d = len(self.keys)
-        s = 4 + d
+        s = HEAD_FEATURES + d
         self.uses_ppo = self.variant != "ddim"
         self.uses_refiner = self.variant != "ppo"
         ppo_cfg = pc.ppo
@@ -95,7 +95,7 @@ class AirLLMAllocator(Allocator):
         t0 = time.perf_counter()
         ranks_now = [ctx.ranks[k] for k in self.keys]
         state = torch.from_numpy(state_vector(ctx.snr_db, ctx.bandwidth_hz, ctx.lexical_entropy, ctx.oov_rate,
-                                              ranks_now, self.r_max))[None]  # (1, S)
+                                              ranks_now, self.r_max, ctx.progress))[None]  # (1, S)
         coarse, logprob, value = (self.ppo.act(state, self.generator) if self.ppo
                                   else (torch.zeros(1, 0), torch.zeros(1), torch.zeros(1)))
         if self.refiner is not None:

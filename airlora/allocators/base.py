@@ -39,6 +39,9 @@ class AllocationContext:
     """Ranks applied at the previous step."""
     bandwidth_hz: float
     """Channel bandwidth W in Hz."""
+    progress: float = 0.0
+    """Share of the run's steps done before this one, in [0, 1] (the policy's state sees it: losses fall as a
+    run goes on, and without it a critic or value function would read that trend as the effect of the ranks)."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,13 @@ class StepOutcome:
     loss: float
     """Task loss U of the batch."""
     reward: float
-    """R = −U − λ·η."""
+    """The reward of the step as its caller defines it (the trainer, the environment and the bandit: R = −U − λ·η)."""
     eta: float
     """Share of the airtime budget the applied ranks use."""
     ranks: RankMap
     """Ranks applied at this step (after projection)."""
-    model: torch.nn.Module
-    """The model, with gradients of this step still on its parameters."""
+    model: torch.nn.Module | None
+    """The model, with gradients of this step still on its parameters; None where there is no model (the bandit)."""
 
 
 class Allocator:
@@ -74,7 +77,14 @@ class Allocator:
         raise NotImplementedError
 
     def observe(self, outcome: StepOutcome) -> None:
-        """Called after ``optimizer.step()``, before ``zero_grad()``."""
+        """Called after ``optimizer.step()``, before ``zero_grad()``; ``outcome.model`` is None off a real run."""
+
+    def deliver(self, ctx: AllocationContext) -> RankMap:
+        """The evaluation-mode decision for delivering over the channel of ``ctx``; it changes nothing learned.
+
+        Allocators that do not explore return their usual decision; the caller projects it onto ``ctx.budget``.
+        """
+        return self.allocate(ctx)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the allocator has learned or drawn so far, as tensors and plain values (for checkpoints)."""

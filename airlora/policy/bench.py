@@ -1,6 +1,6 @@
 """Time one rank decision: PPO act, guided DDIM refinement, decoding. ``python -m airlora.policy.bench --help``.
 
-The state is the paper's {SNR, W, H, ρ} plus the current ranks, so S = 4 + D with D = 6L.
+The state is the paper's {SNR, W, H, ρ} plus the current ranks, so S = 5 + D with D = 6L (HEAD_FEATURES = 5).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from airlora.policy.config import DiffusionConfig, PPOConfig
 from airlora.policy.diffusion import DiffusionRefiner, decode_ranks, make_denoiser
 from airlora.policy.ppo import PPO
+from airlora.state import HEAD_FEATURES
 
 
 def time_decision(layers: int = 6, threads: int = 1, steps: int = 50, denoiser: str = "mlp",
@@ -25,7 +26,7 @@ def time_decision(layers: int = 6, threads: int = 1, steps: int = 50, denoiser: 
     try:
         torch.manual_seed(seed)
         action_dim = 6 * layers
-        state_dim = 4 + action_dim
+        state_dim = HEAD_FEATURES + action_dim
         ppo = PPO(state_dim, action_dim, PPOConfig(coarse_dim=coarse_dim))
         config = DiffusionConfig(denoiser=denoiser, inference_steps=steps, guidance_scale=guidance_scale)
         cond_dim = state_dim + ppo.coarse_dim
