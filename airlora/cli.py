@@ -139,8 +139,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise AirloraError("--resume continues the run in --out and --overwrite replaces it; choose one")
     if args.config:
         config = load_config(args.config)
-    elif args.resume and (Path(args.out) / "config.json").is_file():
-        config = saved_config(Path(args.out))
+    elif args.resume:
+        config = saved_config(Path(args.out))  # a clear error when --out holds no run
     else:
         config = RunConfig()
     config = merge(config, _overrides(args))

@@ -67,13 +67,14 @@ def check_same_run(saved: RunConfig, config: RunConfig) -> None:
 def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run one fine-tuning job end to end and return its summary (also written to ``out``).
 
-    ``resume`` continues the run in ``out`` from its last checkpoint (or from the start when it has none).
+    ``resume`` continues the run in ``out`` from its last checkpoint (or from the start when it was stopped before
+    its first one); a folder without the config.json of a started run is an error.
     """
     started = time.perf_counter()
     out = Path(out)
     prepare_out_dir(out, overwrite, resume)
     checkpoint = None
-    if resume and (out / "config.json").is_file():
+    if resume:
         check_same_run(saved_config(out), config)
         checkpoint = load_checkpoint(out)
     session = build_session(config)
