@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint (its config.json unless --config)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
+                     help="set any config value, e.g. --set train.lr=1e-3 (repeatable; also on --resume)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--match-bits-of", metavar="RUN_DIR",
                      help="adalora: set the final adapter's on-air bits to those of another finished run")
@@ -143,7 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = saved_config(Path(args.out))  # a clear error when --out holds no run
     else:
         config = RunConfig()
-    config = merge(config, _overrides(args))
+    config = merge(config, _overrides(args) | _parse_sets(args.sets))
     if args.match_bits_of is not None:
         from airlora.allocators.adalora import target_bits_of
 

@@ -369,9 +369,13 @@ def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """A new config with dotted-path overrides (``{"channel.t_max_s": 0.5}``) applied and re-validated."""
     data = config.to_dict()
     for dotted, value in overrides.items():
-        node = data
+        node, where = data, ""
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node[part]
+            if not isinstance(node.get(part), dict):
+                allowed = ", ".join(sorted(k for k, v in node.items() if isinstance(v, dict)))
+                raise AirloraError(f"{dotted!r} is not a config path: {where.rstrip('.') or 'the config'} has no "
+                                   f"section {part!r}; sections: {allowed or 'none'}")
+            node, where = node[part], f"{where}{part}."
         node[leaf] = value
     return from_dict(RunConfig, data)

@@ -149,6 +149,13 @@ def test_unreadable_config_and_data_files(tmp_path, monkeypatch):
     (["run", "--out", "{tmp}/o", "--match-bits-of", "{tmp}"], r"allocator is 'uniform' \(add --allocator adalora\)"),
     (["sweep", "s.yaml", "--out", "{tmp}/o", "--workers", "0"], "--workers 0: expected an integer >= 1"),
     (["sweep", "s.yaml", "--out", "{tmp}/o", "--set", "steps"], "--set 'steps': expected PATH=VALUE"),
+    (["run", "--out", "{tmp}/o", "--set", "train.lr"], "--set 'train.lr': expected PATH=VALUE"),
+    (["run", "--out", "{tmp}/o", "--set", "nope.x=1"], "'nope.x' is not a config path: the config has no section "
+                                                      "'nope'; sections: adalora, adapter, channel"),
+    (["run", "--out", "{tmp}/o", "--set", "train.lr.x=1"], "'train.lr.x' is not a config path: train has no section "
+                                                          "'lr'"),
+    (["run", "--out", "{tmp}/o", "--set", "train.lr=-1"], r"train.lr = -1.0 is not allowed; expected a positive"),
+    (["run", "--out", "{tmp}/o", "--resume"], "--resume: '.*/o' has no config.json; it holds no run to continue"),
 ])
 def test_bad_flag_values(tmp_path, capsys, args, message):
     err = fails(capsys, *[a.format(tmp=tmp_path) for a in args])
