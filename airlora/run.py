@@ -20,11 +20,34 @@ from airlora.io import write_csv_atomic, write_json_atomic
 from airlora.session import Session, build_session
 from airlora.trainer import METRIC_COLUMNS, TrainResult, evaluate, restore, train
 
+RUN_FILES = ("config.json", "metrics.csv", "summary.json", "adapter.safetensors", "checkpoint.json",
+             "policy.pt", "policy_metrics.csv")
+"""Every file name a run writes into its folder (policy.*: the airllm allocator's ``save``), besides these patterns."""
+RUN_FILE_PATTERNS = ("checkpoint-*.pt", ".*.tmp")
+"""Checkpoints, and the temporary files of atomic writes a killed run can leave."""
+
+
+def run_files(out: Path) -> tuple[list[Path], list[str]]:
+    """The files of ``out`` a run writes, and the names of every other entry (sorted)."""
+    ours = {out / name for name in RUN_FILES} | {p for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern)}
+    entries = list(out.iterdir()) if out.is_dir() else []
+    return sorted(p for p in entries if p in ours and p.is_file()), sorted(p.name for p in entries if p not in ours)
+
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse to mix two runs' results in one folder unless asked to replace them (or to continue one)."""
+    """Refuse to mix two runs' results in one folder unless asked to replace them (or to continue one).
+
+    ``--overwrite`` replaces a run's own files only; a folder that also holds anything else (notes, an export of
+    the old run) is refused before anything is written, so the folder is wholly the old run or wholly the new one.
+    """
     if out.exists() and not out.is_dir():
         raise AirloraError(f"--out {str(out)!r} is a file; expected a folder for the run")
+    if overwrite:
+        _, others = run_files(out)
+        if others:
+            raise AirloraError(f"--overwrite: {str(out)!r} also holds {', '.join(others)}, which an airlora run does "
+                               "not write; move them away or choose another folder (--overwrite replaces a run's "
+                               "own files only, so the folder never mixes two runs)")
     if (out / "summary.json").exists() and not overwrite:
         what = "; nothing to resume" if resume else "; choose another folder or --overwrite"
         raise AirloraError(f"--out {str(out)!r} already holds a finished run{what}")
@@ -38,7 +61,9 @@ def start_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         remove_checkpoints(out)
-        (out / "summary.json").unlink(missing_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # first: a folder without it is no finished run
+        for path in run_files(out)[0]:
+            path.unlink()
 
 
 def saved_config(out: Path) -> RunConfig:
