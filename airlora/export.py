@@ -158,6 +158,7 @@ class RunAdapter:
         resolved = _read_json(files["config.json"])
         if isinstance(resolved, dict):
             resolved.pop("resolved", None)
+            resolved.pop("history", None)
         try:
             self.config: RunConfig = from_dict(RunConfig, resolved)
         except AirloraError as err:

@@ -66,27 +66,78 @@ def start_out_dir(out: Path, overwrite: bool) -> None:
             path.unlink()
 
 
-def saved_config(out: Path) -> RunConfig:
-    """The config a run in ``out`` was started with (its config.json, derived values dropped)."""
+def _read_config_json(out: Path) -> dict[str, Any]:
     path = out / "config.json"
     if not path.is_file():
         raise AirloraError(f"--resume: {str(out)!r} has no config.json; it holds no run to continue")
-    data = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def saved_config(out: Path) -> RunConfig:
+    """The config the run in ``out`` runs with (its config.json; derived values and the history dropped)."""
+    data = _read_config_json(out)
     data.pop("resolved", None)
+    data.pop("history", None)
     return from_dict(RunConfig, data)
 
 
-RESUME_MAY_CHANGE = ("train.progress", "train.threads", "train.device")
-"""Settings a resumed run may change: they do not alter its results."""
+def saved_history(out: Path) -> list[dict[str, Any]]:
+    """The settings earlier resumes of the run in ``out`` changed (config.json's ``history``)."""
+    return list(_read_config_json(out).get("history", []))
 
 
-def check_same_run(saved: RunConfig, config: RunConfig) -> None:
-    """A resumed run must be the run that was started: name the first setting that differs."""
+RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.checkpoint_every",
+                     "train.patience", "train.progress", "train.threads", "train.device", "train.autocast")
+"""Settings a resumed run may change: none of them changes the steps already run, only the ones to come.
+
+The lr schedule goes on from where it stood (see ``continue_schedule``); every change is recorded in config.json's
+``history`` with the step it took effect at."""
+RESUME_FIXED_FOR = {"adalora": ("train.steps",)}
+"""Exceptions per allocator: AdaLoRA lays its rank-cut schedule (tinit, tfinal) over train.steps from the start."""
+
+
+def check_same_run(saved: RunConfig, config: RunConfig) -> list[dict[str, Any]]:
+    """A resumed run must be the run that was started, up to RESUME_MAY_CHANGE: the changes, or an error naming
+    the first setting that may not change."""
     old, new = flatten(saved.to_dict()), flatten(config.to_dict())
+    fixed = RESUME_FIXED_FOR.get(saved.allocator, ())
+    changes = []
     for key in sorted(set(old) | set(new)):
-        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
-            raise AirloraError(f"--resume: {key} is {new.get(key)!r} but the run was started with {old.get(key)!r}; "
-                               "resume with the same settings or start a new run")
+        if old.get(key) == new.get(key):
+            continue
+        if key not in RESUME_MAY_CHANGE or key in fixed:
+            why = f" (the {saved.allocator} allocator's schedule is laid out over it)" if key in fixed else ""
+            raise AirloraError(f"--resume: {key} is {new.get(key)!r} but the run was started with {old.get(key)!r}"
+                               f"{why}; resume with the same settings or start a new run (a resume may change "
+                               f"{', '.join(RESUME_MAY_CHANGE)})")
+        changes.append({"setting": key, "from": old.get(key), "to": new.get(key)})
+    return changes
+
+
+def continue_schedule(state: dict[str, Any], saved: RunConfig, config: RunConfig) -> None:
+    """Carry a checkpoint's optimiser and LambdaLR state over to a changed train.lr, head_lr or steps, in place.
+
+    At the resume step s the lr becomes (new lr / old lr) × the lr the run had at s, and from there it decays
+    linearly to 0 at the new train.steps T: lr(t) = lr(s)·(T − t)/(T − s). A longer run stretches the rest of the
+    decay, a shorter one steepens it; warm-up is unchanged. The schedule's factor f is recomputed from the new T by
+    the trainer, so the base lr is scaled by f_old(s)/f_new(s) to keep lr(s) continuous.
+    """
+    from airlora.trainer import linear_warmup_decay
+
+    step, scheduler, groups = state["step"], state["scheduler"], state["optimizer"]["param_groups"]
+    if scheduler["last_epoch"] != step:
+        raise AirloraError(f"checkpoint of step {step} holds a schedule at step {scheduler['last_epoch']}; it cannot "
+                           "be resumed")
+    warmup = saved.train.warmup_steps
+    old_factor = linear_warmup_decay(warmup, saved.train.steps)(step)
+    new_factor = linear_warmup_decay(warmup, config.train.steps)(step)
+    stretch = old_factor / new_factor if old_factor > 0 and new_factor > 0 else 1.0
+    # FineTuner's parameter groups, in its order: the adapters (train.lr), then the task head (train.head_lr)
+    lrs = ((saved.train.lr, config.train.lr), (saved.train.head_lr, config.train.head_lr))
+    for g, (old_lr, new_lr) in enumerate(lrs):
+        base = scheduler["base_lrs"][g] * (new_lr / old_lr) * stretch
+        scheduler["base_lrs"][g] = groups[g]["initial_lr"] = base
+        groups[g]["lr"] = scheduler["_last_lr"][g] = base * new_factor
 
 
 def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
@@ -98,13 +149,21 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
     started = time.perf_counter()
     out = Path(out)
     prepare_out_dir(out, overwrite, resume)
-    checkpoint = None
+    checkpoint, history = None, []
     if resume:
-        check_same_run(saved_config(out), config)
+        saved, history = saved_config(out), saved_history(out)
+        changes = check_same_run(saved, config)
         checkpoint = load_checkpoint(out)
+        at = 0 if checkpoint is None else checkpoint["step"]
+        if config.train.steps <= at:
+            raise AirloraError(f"--resume: train.steps = {config.train.steps} but the run is at step {at} already; "
+                               f"give more than {at} steps")
+        if checkpoint is not None and changes:
+            continue_schedule(checkpoint, saved, config)
+        history += [{"step": at, **change} for change in changes]
     session = build_session(config)
     start_out_dir(out, overwrite)
-    write_json_atomic(out / "config.json", resolved_config(session))
+    write_json_atomic(out / "config.json", resolved_config(session) | {"history": history})
     result = train(session, out, checkpoint)
     write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)
     restore(session, result.best)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from airlora.adapters import forget_momentum
 from airlora.allocators import AllocationContext, StepOutcome
 from airlora.batching import Batch
-from airlora.checkpoint import rng_state, save_checkpoint, set_rng_state
+from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng_state
 from airlora.errors import AirloraError
 from airlora.io import write_csv_atomic
 from airlora.session import Session
@@ -216,11 +216,16 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         try:
             task_loss = tuner.step(batch)
         except NonFiniteLoss as err:
-            if out is not None:  # keep what the run had before this step, for a look or a --resume with a lower lr
-                save_checkpoint(out, loop.step, snapshot(session, tuner, loop, started))
-                write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
-            where = f" with a checkpoint of step {loop.step} in {out}" if out is not None else ""
-            raise AirloraError(f"{err} at step {step}; the run stopped{where}") from None
+            if out is None:
+                raise AirloraError(f"{err} at step {step}; the run stopped") from None
+            # The weights of this step already give a NaN whatever the lr, so the checkpoint kept for a --resume with
+            # a lower lr is the last periodic one (none yet: the resume starts from step 0); the rows up to here stay
+            # in metrics.csv to look at.
+            write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
+            pointer = read_pointer(out)
+            since = f"its checkpoint of step {pointer['step']}" if pointer is not None else "step 0 (no checkpoint yet)"
+            raise AirloraError(f"{err} at step {step}; the run stopped. Continue it from {since} with a lower lr: "
+                               f"airlora run --out {out} --resume --set train.lr=<lower>") from None
         step_s = time.perf_counter() - t1
         eta = budget.eta(ranks)
         reward = -task_loss - cfg.train.reward_lambda * eta

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from airlora.config import merge
 from airlora.errors import AirloraError
-from airlora.run import run
+from airlora.run import check_same_run, run
 from airlora.trainer import FineTuner
 
 TIMING = {"step_s", "decision_s", "apply_s", "update_s", "rss_mb"}  # measured, not computed
@@ -84,8 +85,36 @@ def test_resume_refuses_a_different_run(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setattr(FineTuner, "step", lambda self, batch: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         run(config, tmp_path / "r")
-    with pytest.raises(AirloraError, match="train.reward_lambda is 0.5 but the run was started with 0.1"):
+    with pytest.raises(AirloraError, match="train.reward_lambda is 0.5 but the run was started with 0.1; resume with "
+                                           "the same settings or start a new run .a resume may change train.lr, "):
         run(merge(config, {"train.reward_lambda": 0.5}), tmp_path / "r", resume=True)
+
+
+def test_resume_refuses_fewer_steps_than_it_has_run_and_adalora_steps(tiny_config, tmp_path, monkeypatch):
+    config = resumable(tiny_config, "uniform")
+    real_step = FineTuner.step
+    calls = {"n": 0}
+
+    def crash(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(FineTuner, "step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(config, tmp_path / "r")
+    monkeypatch.setattr(FineTuner, "step", real_step)
+    with pytest.raises(AirloraError, match="--resume: train.steps = 4 but the run is at step 4 already; give more than "
+                                           "4 steps"):
+        run(merge(config, {"train.steps": 4}), tmp_path / "r", resume=True)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["history"] == []  # the refused resume wrote nothing
+    adalora = resumable(tiny_config, "adalora")
+    with pytest.raises(AirloraError, match=r"train.steps is 20 but the run was started with 12 \(the adalora "
+                                           r"allocator's schedule is laid out over it\)"):
+        check_same_run(adalora, merge(adalora, {"train.steps": 20}))
+    assert check_same_run(adalora, merge(adalora, {"train.lr": 1e-3})) == [
+        {"setting": "train.lr", "from": 5e-3, "to": 1e-3}]
 
 
 def test_a_tampered_checkpoint_is_refused(tiny_config, tmp_path, monkeypatch):
@@ -109,8 +138,23 @@ def test_a_tampered_checkpoint_is_refused(tiny_config, tmp_path, monkeypatch):
         run(config, tmp_path / "r", resume=True)
 
 
-def test_a_nan_loss_stops_with_a_checkpoint(tiny_config, tmp_path, monkeypatch):
-    config = resumable(tiny_config, "uniform")
+def recorded_lrs(monkeypatch):
+    """{scheduler step: [adapter lr, head lr]} as the optimiser holds them at each training step from now on."""
+    used = {}
+    real_step = FineTuner.step
+
+    def recording(self, batch):
+        used[self.scheduler.last_epoch] = [group["lr"] for group in self.optimizer.param_groups]
+        return real_step(self, batch)
+
+    monkeypatch.setattr(FineTuner, "step", recording)
+    return used
+
+
+def test_a_nan_loss_stops_at_the_last_checkpoint_and_resumes_with_a_lower_lr(tiny_config, tmp_path, monkeypatch):
+    """A NaN at step 5 keeps the checkpoint of step 4; the resume lowers the lr and stretches the run to 20 steps."""
+    config = merge(resumable(tiny_config, "uniform"), {"train.warmup_steps": 2})
+    out = tmp_path / "n"
 
     def poisoned(module):
         original = module.forward
@@ -135,10 +179,29 @@ def test_a_nan_loss_stops_with_a_checkpoint(tiny_config, tmp_path, monkeypatch):
         return s
 
     monkeypatch.setattr("airlora.run.build_session", build_poisoned)
-    with pytest.raises(AirloraError, match=r"training loss became nan.*at step 5.*checkpoint of step 5"):
-        run(config, tmp_path / "n")
-    assert json.loads((tmp_path / "n" / "checkpoint.json").read_text())["step"] == 5
-    assert len(metrics(tmp_path / "n")) == 5
+    with pytest.raises(AirloraError, match=r"training loss became nan; lower train.lr \(now 0.005\) at step 5; the "
+                                           r"run stopped. Continue it from its checkpoint of step 4 with a lower lr: "
+                                           f"airlora run --out {out} --resume --set train.lr=<lower>$"):
+        run(config, out)
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 4  # the NaN step's own weights are not kept
+    assert len(metrics(out)) == 5  # the rows up to the NaN, to look at
+    monkeypatch.setattr("airlora.run.build_session", build)
+
+    used = recorded_lrs(monkeypatch)
+    summary = run(merge(config, {"train.lr": 1e-3, "train.head_lr": 2e-3, "train.steps": 20}), out, resume=True)
+    # lr(t) = new/old × lr_old(4) × (20 − t)/(20 − 4), lr_old(4) = old lr × (12 − 4)/(12 − 2) (warm-up 2, then decay)
+    assert sorted(used) == list(range(4, 20))
+    for step, (adapter_lr, head_lr) in used.items():
+        factor = (12 - 4) / (12 - 2) * (20 - step) / (20 - 4)
+        assert adapter_lr == pytest.approx(1e-3 * factor, rel=1e-12) and head_lr == pytest.approx(2e-3 * factor)
+    assert summary["steps"] == 20 and summary["resumed_from_step"] == 4
+    assert [int(r["step"]) for r in metrics(out)] == list(range(20))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["history"] == [
+        {"step": 4, "setting": "train.head_lr", "from": 5e-3, "to": 2e-3},
+        {"step": 4, "setting": "train.lr", "from": 5e-3, "to": 1e-3},
+        {"step": 4, "setting": "train.steps", "from": 12, "to": 20},
+    ]
 
 
 def test_sigkill_then_resume_finishes_the_same_run(tiny_files, tmp_path):
@@ -174,3 +237,26 @@ def test_sigkill_then_resume_finishes_the_same_run(tiny_files, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(400))  # none lost, none twice
     assert json.loads((out / "summary.json").read_text()).keys() == \
         json.loads((tmp_path / "whole" / "summary.json").read_text()).keys()
+
+
+def test_a_nan_from_a_huge_lr_resumes_with_a_lower_lr_and_finishes(tiny_config, tmp_path, monkeypatch):
+    """The NaN message's own recovery, from the CLI: lr 1e4 on the tiny model gives a NaN at step 3, before the first
+    checkpoint, so the resume with a lower lr starts again from step 0 and the run finishes."""
+    from airlora.cli import main
+
+    out = tmp_path / "nan"
+    config = merge(tiny_config, {"train.steps": 12, "train.eval_every": 4, "train.checkpoint_every": 4,
+                                 "train.lr": 1e4, "train.head_lr": 1e4})
+    with pytest.raises(AirloraError, match=r"training loss became nan; lower train.lr \(now 10000.0\) at step 3; the "
+                                           r"run stopped. Continue it from step 0 \(no checkpoint yet\) with a lower"):
+        run(config, out)
+    used = recorded_lrs(monkeypatch)
+    assert main(["run", "--out", str(out), "--resume", "--quiet", "--set", "train.lr=0.01",
+                 "--set", "train.head_lr=0.01"]) == 0
+    assert used[0] == [0.01, 0.01] and used[11] == pytest.approx([0.01 / 12, 0.01 / 12])
+    rows = metrics(out)
+    assert [int(r["step"]) for r in rows] == list(range(12)) and all(np.isfinite(float(r["loss"])) for r in rows)
+    saved = json.loads((out / "config.json").read_text())
+    assert [(h["step"], h["setting"], h["to"]) for h in saved["history"]] == [(0, "train.head_lr", 0.01),
+                                                                             (0, "train.lr", 0.01)]
+    assert not (out / "checkpoint.json").exists() and (out / "summary.json").is_file()
