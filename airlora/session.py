@@ -16,10 +16,11 @@ from airlora.allocators import Allocator, make_allocator
 from airlora.batching import Batch, TrainBatches, eval_batches
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.config import RunConfig
-from airlora.data import Splits, load_splits, load_vocabulary, reference_vocabulary
+from airlora.data import Splits, load_splits
 from airlora.dropout import use_fast_dropout
 from airlora.errors import AirloraError
 from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
+from airlora.textstats import load_vocabulary, reference_vocabulary
 
 
 def seed_everything(seed: int) -> None:

@@ -12,14 +12,11 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from airlora.errors import AirloraError
-
-if TYPE_CHECKING:
-    from airlora.data import TextSplit
 
 WORD_PATTERN = re.compile(r"[^\W\d_]+")
 """Fast first pass for ``words``: runs of word characters that are not digits or '_' (letters, plus a few numeric
@@ -140,14 +137,3 @@ def load_vocabulary(path: str) -> set[str]:
     if not vocabulary:
         raise AirloraError(f"data.vocab_file {path!r} is empty; expected one word a line")
     return vocabulary
-
-
-def split_statistics(split: TextSplit, vocabulary: set[str]) -> dict[str, float]:
-    """Dataset-level statistics of a TextSplit: normalised lexical entropy, entropy in nats and OOV rate."""
-    all_words = [w for sentence in split.sentences for w in words(sentence)]
-    entropy = lexical_entropy(all_words)
-    return {
-        "lexical_entropy": normalise_entropy(entropy, len(all_words)),
-        "lexical_entropy_nats": entropy,
-        "oov_rate": oov_rate(all_words, vocabulary),
-    }

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from airlora.data import TextSplit
+from airlora.data import TextSplit, split_statistics
 from airlora.errors import AirloraError
 from airlora.textstats import (
     entropy_from_counts,
@@ -22,7 +22,6 @@ from airlora.textstats import (
     normalised_lexical_entropy,
     oov_rate,
     reference_vocabulary,
-    split_statistics,
     words,
 )
 
