@@ -205,38 +205,39 @@ def test_a_nan_loss_stops_at_the_last_checkpoint_and_resumes_with_a_lower_lr(tin
 
 
 def test_sigkill_then_resume_finishes_the_same_run(tiny_files, tmp_path):
-    """A real process killed with SIGKILL mid-run, then `airlora run --resume`."""
+    """A real process killed with SIGKILL after a checkpoint, then `airlora run --resume` from that checkpoint."""
     model, data, config = tiny_files
-    args = ["--config", config, "--model", model, "--data", data, "--allocator", "airllm", "--steps", "400",
-            "--eval-every", "50", "--quiet"]
     extra = tmp_path / "extra.yaml"
-    extra.write_text(config.read_text() + "  checkpoint_every: 20\npolicy:\n  episode_steps: 5\n"
-                     "adapter:\n  r_max: 4\nchannel:\n  bandwidth_hz: 20000.0\n  snr_db: [-5.0, 5.0]\n")
-    args[1] = extra
+    extra.write_text(config.read_text() + "  checkpoint_every: 5\nadapter:\n  r_max: 4\n"
+                     "channel:\n  bandwidth_hz: 20000.0\n  snr_db: [-5.0, 5.0]\n")
+    args = ["--config", extra, "--model", model, "--data", data, "--allocator", "uniform", "--steps", "60",
+            "--eval-every", "20", "--quiet"]
     cmd = [sys.executable, "-m", "airlora.cli", "run", *map(str, args)]
     subprocess.run([*cmd, "--out", str(tmp_path / "whole")], check=True, capture_output=True)
 
     out = tmp_path / "killed"
+    pointer = out / "checkpoint.json"
     proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        pointer = out / "checkpoint.json"
-        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 100:
+        if pointer.is_file() and json.loads(pointer.read_text())["step"] >= 10:
             break
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
+    killed_at = json.loads(pointer.read_text())["step"]  # the checkpoint the resume must start from
+    assert 10 <= killed_at < 60
 
     resumed = subprocess.run([sys.executable, "-m", "airlora.cli", "run", "--out", str(out), "--resume", "--quiet"],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == killed_at
     same_outputs(tmp_path / "whole", out)
-    rows = metrics(out)
-    assert [int(r["step"]) for r in rows] == list(range(400))  # none lost, none twice
-    assert json.loads((out / "summary.json").read_text()).keys() == \
-        json.loads((tmp_path / "whole" / "summary.json").read_text()).keys()
+    assert [int(r["step"]) for r in metrics(out)] == list(range(60))  # none lost, none twice
+    assert summary.keys() == json.loads((tmp_path / "whole" / "summary.json").read_text()).keys()
 
 
 def test_a_nan_from_a_huge_lr_resumes_with_a_lower_lr_and_finishes(tiny_config, tmp_path, monkeypatch):

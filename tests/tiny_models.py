@@ -41,11 +41,51 @@ def save_tiny_bert(folder: Path) -> Path:
     words = ["good", "bad", "great", "awful", "movie", "film", "the", "a", "is", "was", "not", "very", "fun", "dull"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    # transformers 5 takes the vocabulary itself; a vocab_file argument is ignored and leaves only the special
+    # tokens, so every word would be [UNK]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
     tokenizer.save_pretrained(folder)
     config = tiny_config("bert")
     config.vocab_size = len(vocab)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    return folder
+
+
+TINY_WORDS = ["the", "movie", "film", "was", "is", "a", "not", "very", "good", "great", "fun", "bad", "awful", "dull"]
+"""Every word of the tiny data (conftest's CSV), so the sub-word tokenizers below learn them as whole tokens."""
+
+
+def save_tiny(family: str, folder: Path) -> Path:
+    """A tiny ``family`` classifier with a tokenizer of its kind, saved as a local checkpoint folder.
+
+    OPT: a byte-level BPE tokenizer whose pad token is its eos '</s>' (the classifier pools the last token that is
+    not pad, and a sequence never ends in eos here); Llama: a SentencePiece-style BPE without a pad token, so airlora
+    pads with eos as it does for real Llama checkpoints. Both have a `score` head.
+    """
+    if family == "bert":
+        return save_tiny_bert(folder)
+    from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(TINY_WORDS)] * 20
+    if family == "opt":
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<unk>", "</s>"])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="</s>", pad_token="</s>",
+                                            unk_token="<unk>")
+    elif family == "llama":
+        spm = SentencePieceBPETokenizer()
+        spm.train_from_iterator(corpus, vocab_size=150, min_frequency=1, special_tokens=["<unk>", "</s>"])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm._tokenizer, eos_token="</s>", unk_token="<unk>")
+    else:
+        raise ValueError(family)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    config = tiny_config(family)
+    eos = tokenizer.convert_tokens_to_ids("</s>")
+    config.vocab_size, config.eos_token_id, config.bos_token_id = len(tokenizer), eos, eos
+    config.pad_token_id = eos if family == "opt" else None
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     return folder
