@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -64,3 +65,22 @@ def logits(model: torch.nn.Module, model_dir: Path, sentences: list[str], max_le
                                      return_tensors="pt")
     with torch.inference_mode():
         return model(**inputs).logits.float()
+
+
+def with_ranks(run_dir: Path, ranks: dict[str, int], seed: int = 0) -> None:
+    """Rewrite a run's adapter: the given ranks, large random triplets and head, so the adapter moves the logits."""
+    tensors, meta = run_adapter(run_dir)
+    names = json.loads(meta["module_names"])
+    base = AutoModelForSequenceClassification.from_pretrained(meta["model_dir"], num_labels=2)
+    g = torch.Generator().manual_seed(seed)
+    new = {k: torch.randn(v.shape, generator=g) for k, v in tensors.items() if k.startswith("head.")}
+    for key, rank in ranks.items():
+        if rank:
+            d_out, d_in = base.get_submodule(names[key]).weight.shape
+            new[f"{key}.lora_A"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
+            new[f"{key}.lora_B"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
+            new[f"{key}.lora_E"] = 2 * torch.randn(rank, 1, generator=g)
+    save_file(new, str(run_dir / "adapter.safetensors"), metadata=dict(meta, ranks=json.dumps(ranks)))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["transmitted_params"] = sum(t.numel() for t in new.values())
+    (run_dir / "summary.json").write_text(json.dumps(summary))

@@ -5,8 +5,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from airlora.cli import main
 from airlora.config import load_config, merge
@@ -35,39 +33,13 @@ def finished_run(tmp_path_factory, tiny_files):
     return root
 
 
-def with_ranks(run_dir, ranks, seed=0):
-    """Rewrite a run's adapter: the given ranks, large random triplets and head, so the adapter moves the logits."""
-    run = RunAdapter(run_dir)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {k: torch.randn(v.shape, generator=g) for k, v in run.tensors.items() if k.startswith("head.")}
-    for key, rank in ranks.items():
-        if rank:
-            module = run.module_names[key]
-            d_out, d_in = _shape(run, module)
-            tensors[f"{key}.lora_A"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
-            tensors[f"{key}.lora_B"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
-            tensors[f"{key}.lora_E"] = 2 * torch.randn(rank, 1, generator=g)
-    with safe_open(str(run_dir / "adapter.safetensors"), "pt") as handle:
-        metadata = dict(handle.metadata(), ranks=json.dumps(ranks))
-    save_file(tensors, str(run_dir / "adapter.safetensors"), metadata=metadata)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    summary["transmitted_params"] = sum(t.numel() for t in tensors.values())
-    (run_dir / "summary.json").write_text(json.dumps(summary))
-
-
-def _shape(run, module):
-    model, _, _ = load_model(run.model_dir)
-    weight = model.get_submodule(module).weight
-    return tuple(weight.shape)
-
-
 @pytest.mark.parametrize("bits, tolerance", [(32, 1e-5), (16, 5e-3), (8, 5e-2)])
 def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bits, tolerance):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run / "run", run_dir)
     keys = sorted(RunAdapter(run_dir).ranks)
     ranks = {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(keys)}
-    with_ranks(run_dir, ranks)
+    reference.with_ranks(run_dir, ranks)
     manifest = export_adapter(run_dir, bits, tmp_path / "adir")
 
     run = RunAdapter(run_dir)
@@ -117,7 +89,7 @@ def test_edge_matches_an_independently_merged_cloud_model(finished_run, tmp_path
     # 6 steps leave the tiny model's logits almost the same for every sentence; large triplets make them differ
     shutil.copytree(run_dir, tmp_path / "run")
     run_dir = tmp_path / "run"
-    with_ranks(run_dir, {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(sorted(summary["ranks"]))})
+    reference.with_ranks(run_dir, {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(sorted(summary["ranks"]))})
     want = {bits: reference.logits(reference.merged_model(run_dir, bits), base, test.sentences) for bits in (32, 8)}
     head_only = reference.logits(reference.merged_model(run_dir, adapter=False), base, test.sentences)
     assert (want[32] - head_only).abs().max() > 0.1 * want[32].abs().max()  # the adapter moves the logits
