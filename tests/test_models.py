@@ -1,13 +1,19 @@
 """Module resolution per architecture family, and clear errors for what cannot be adapted."""
 
 import pytest
-import torch
 from torch import nn
 
 from airlora.errors import AirloraError
-from airlora.models import resolve_modules
+from airlora.models import (
+    _meta_model,
+    count_parameters,
+    head_parameters,
+    module_map_without_weights,
+    resolve_modules,
+    shapes_without_weights,
+)
 from airlora.ranks import MODULES
-from tests.tiny_models import tiny_model
+from tests.tiny_models import tiny_config, tiny_model
 
 EXPECTED = {
     "bert": ("bert.encoder.layer.1.attention.output.dense", "bert.encoder.layer.1.output.dense"),
@@ -61,7 +67,16 @@ def test_a_mapping_naming_missing_modules_is_an_error():
         resolve_modules(_Odd(), mapping)
 
 
-def test_meta_device_has_no_storage():
-    with torch.device("meta"):
-        model = tiny_model("opt")
-    assert resolve_modules(model).shapes["layers.0.q"] == (32, 32)
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_shapes_come_from_config_json_alone_on_the_meta_device(family, tmp_path):
+    """`airlora channel` and the sweep's planning read a checkpoint's shapes without its weights: the same module map
+    and head size as the real model, from a folder holding only config.json, with no parameter storage."""
+    tiny_config(family).save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no weights to read
+    real = tiny_model(family)
+    module_map, head = shapes_without_weights(str(tmp_path))
+    assert module_map == resolve_modules(real) == module_map_without_weights(str(tmp_path))
+    assert head == count_parameters(head_parameters(real, module_map)) > 0
+    meta = _meta_model(str(tmp_path))
+    assert all(p.is_meta for p in meta.parameters())
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
