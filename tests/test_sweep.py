@@ -136,11 +136,25 @@ def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_files):
     assert "missing.csv" in failed["error"] and "failed" in result.stdout
 
 
-def test_smoke_sweep_and_report_hold_every_table_and_figure(tmp_path):
-    """The CI-sized preset on the real default model and data, then the report; numbers checked against the rows."""
-    out = tmp_path / "smoke"
-    airlora("sweep", ROOT / "configs" / "smoke.yaml", "--out", out, "--quiet", timeout=900)
+def smoke_sweep(out, *sets):
+    """`airlora sweep configs/smoke.yaml` (46 runs) with ``--set`` overrides, then `airlora report`."""
+    airlora("sweep", ROOT / "configs" / "smoke.yaml", "--out", out, "--quiet", *sets, timeout=900)
     airlora("report", out)
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_smoke(tmp_path_factory, tiny_files):
+    """The smoke preset as it is, every experiment and seed, on the tiny model and data: (folder, rows)."""
+    model, data, _ = tiny_files
+    out = tmp_path_factory.mktemp("smoke") / "smoke"
+    rows = smoke_sweep(out, "--set", f"model={model}", "--set", f"data.source={data}", "--set", "data.val_size=20",
+                       "--set", "data.test_size=20", "--set", "data.batch_size=8")
+    return out, rows
+
+
+def check_smoke_report(out, rows):
+    """Every table and figure of the report, and numbers of Tables III and VI recomputed from the rows."""
     report = (out / "report.md").read_text()
     for title in ("Claims of the paper", "Table III", "Accuracy vs SNR", "Table IV", "Table V (a)", "Table V (b)",
                   "Table VI", "Diffusion training steps", "Noise schedules", "Accuracy vs bits"):
@@ -150,7 +164,6 @@ def test_smoke_sweep_and_report_hold_every_table_and_figure(tmp_path):
         png = out / "figures" / f"{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{figure}.png" in report
 
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 46 and all(r["status"] == "ok" for r in rows)
     # Table III's AdaLoRA line, recomputed here from the rows
     acc = np.array([r["test_accuracy"] for r in rows if "table3" in r["experiments"] and r["method"] == "adalora"])
@@ -164,6 +177,62 @@ def test_smoke_sweep_and_report_hold_every_table_and_figure(tmp_path):
                             and r["inference_steps"] == n]) for n in (10, 50)}
     assert decision[10] < decision[50]
     assert all(r["budget_ok"] and r["steps_over_budget"] == 0 for r in rows)
+
+
+def test_smoke_sweep_and_report_hold_every_table_and_figure(tiny_smoke):
+    check_smoke_report(*tiny_smoke)
+
+
+def paired_text(a, b, scale):
+    """'mean ± half-width (n=N)' of the seed-paired differences a − b (values × scale), and the verdict."""
+    d = np.array([a[k] - b[k] for k in sorted(set(a) & set(b))]) * scale
+    half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d))
+    low, high = d.mean() - half, d.mean() + half
+    verdict = "holds" if low > 0 else "does not hold" if high < 0 else "inconclusive at this scale"
+    return f"{d.mean():.2f} ± {half:.2f} (n={len(d)})", verdict
+
+
+def test_claims_table_numbers_recomputed_from_the_rows(tiny_smoke):
+    out, rows = tiny_smoke
+    section = (out / "report.md").read_text().split("## Claims of the paper, checked")[1].split("\n## ")[0]
+    cells = {}
+    for line in section.splitlines():
+        parts = [p.strip() for p in line.strip("|").split(" | ")]
+        if line.startswith("| ") and len(parts) == 4 and parts[0] != "claim":
+            cells[parts[0]] = (parts[2], parts[3])
+
+    def by_seed(experiment, field, **where):
+        return {r["seed"]: r[field] for r in rows if experiment in r["experiments"]
+                and all(r[k] == v for k, v in where.items())}
+
+    def late(curve):
+        return float(np.mean(curve[len(curve) // 2:]))
+
+    air = {"method": "ppo+ddim-mlp"}
+    text, verdict = paired_text(by_seed("table3", "test_accuracy", **air),
+                                by_seed("table3", "test_accuracy", method="adalora"), 100)
+    assert cells["AirLLM is more accurate than AdaLoRA (Table III: 95.53 vs 95.18 %)"] == (f"{text} pp", verdict)
+    reward = {m: {s: late(c) for s, c in by_seed("table3", "reward_curve", method=m).items()}
+              for m in ("ppo+ddim-mlp", "ppo")}
+    text, verdict = paired_text(reward["ppo+ddim-mlp"], reward["ppo"], 1)
+    assert cells["PPO+DDIM converges faster than PPO (20–30 % faster)"] == (text, verdict)
+    text, verdict = paired_text(by_seed("snr", "test_accuracy", snr_setting="10", **air),
+                                by_seed("snr", "test_accuracy", snr_setting="10", method="uniform"), 100)
+    assert cells["AirLLM is more accurate than Uniform at 10 dB (ours, not in the paper)"] == (f"{text} pp", verdict)
+    for r_max in (4, 8):
+        mine = by_seed("r_max", "transmitted_params", r_max=r_max, **air)
+        ada = by_seed("r_max", "transmitted_params", r_max=r_max, method="adalora")
+        text, verdict = paired_text({s: 1 - mine[s] / ada[s] for s in mine}, dict.fromkeys(ada, 0.0), 100)
+        claim = f"AirLLM sends fewer parameters than AdaLoRA at r_max {r_max} (Table IV; 10–12.5 %)"
+        assert cells[claim] == (f"{text} %", verdict)
+    assert len(cells) == 22  # every claim the smoke preset measures has its line
+
+
+@pytest.mark.slow
+def test_smoke_sweep_and_report_on_the_real_model(tmp_path):
+    """The CI-sized preset on the real default model and data (~100 s on 2 cores; `pytest -m slow`)."""
+    out = tmp_path / "smoke"
+    check_smoke_report(out, smoke_sweep(out))
 
 
 def test_ray_backend_runs_the_same_grid(tmp_path, tiny_files):
