@@ -1,48 +1,78 @@
-"""The AirLLM allocator end to end on a tiny model: every variant runs, stays in budget, saves and reloads."""
+"""The AirLLM allocator end to end on a tiny model: every variant learns inside a run, saves, reloads, continues."""
 
 import csv
-import dataclasses
 
 import pytest
+import torch
 
 from airlora.config import merge
 from airlora.errors import AirloraError
+from airlora.policy.hierarchical import load_policy_file
 from airlora.run import run
+from airlora.session import build_session
 
 SMALL_POLICY = {"policy.episode_steps": 3, "policy.refiner_updates": 2, "policy.refiner_batch": 8,
                 "policy.ppo.hidden": 32, "policy.diffusion.hidden": 32, "policy.diffusion.train_timesteps": 100,
                 "policy.diffusion.inference_steps": 10, "policy.diffusion.unet_channels": 8}
 
 
+def initial_policy(config):
+    """The policy networks a run of ``config`` starts from (same seed), before any learning."""
+    session = build_session(config)
+    allocator = session.allocator
+    from airlora.trainer import context
+
+    allocator.allocate(context(session, 0, session.adapters.ranks()))
+    return allocator.policy.policy_state()
+
+
 @pytest.mark.parametrize("variant", ["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet"])
-def test_every_variant_runs_within_budget(variant, tiny_config, tmp_path):
+def test_every_variant_learns_inside_a_run(variant, tiny_config, tmp_path):
     config = merge(tiny_config, {"allocator": "airllm", "policy.variant": variant, "train.steps": 7,
                                  **SMALL_POLICY})
     summary = run(config, tmp_path)
-    assert summary["budget_ok"] and summary["steps_over_budget"] == 0
-    assert summary["policy_variant"] == variant and summary["policy_episodes"] == 2  # 7 steps, episodes of 3
+    # 7 steps in episodes of 3: two episodes are learned from (the second once step 7's decision was made)
+    assert summary["policy_variant"] == variant and summary["policy_episodes"] == 2
     rows = list(csv.DictReader((tmp_path / "policy_metrics.csv").open()))
-    assert len(rows) == 2 and all(float(r["decision_ms"]) > 0 for r in rows)
-    if variant != "ppo":
+    assert [int(r["episode"]) for r in rows] == [0, 1] and all(int(r["steps"]) == 3 for r in rows)
+    saved, start = load_policy_file(tmp_path / "policy.pt"), initial_policy(config)
+    if variant != "ddim":  # PPO took gradient steps
+        weight = "actor_mean.0.weight"
+        assert not torch.equal(saved["ppo"]["model"][weight], start["ppo"]["model"][weight])
+    if variant != "ppo":  # the refiner took gradient steps and the critic saw the 7 transitions
+        changed = [k for k, v in saved["refiner"].items() if not torch.equal(v, start["refiner"][k])]
+        assert changed and saved["critic"]["count"] == 7
         assert all(float(r["refiner_denoise_loss"]) > 0 for r in rows)
-    if variant != "ddim":
-        assert all("ppo_policy_loss" in r for r in rows)
-    assert (tmp_path / "policy.pt").is_file()
 
 
-def test_saved_policy_reloads_and_mismatch_is_a_clear_error(tiny_config, tmp_path):
+def test_saved_policy_reloads_with_its_weights_and_mismatch_is_a_clear_error(tiny_config, tmp_path):
     config = merge(tiny_config, {"allocator": "airllm", "train.steps": 4, **SMALL_POLICY})
     run(config, tmp_path / "a")
-    again = merge(config, {"policy.load_path": str(tmp_path / "a" / "policy.pt")})
-    assert run(again, tmp_path / "b")["budget_ok"]
-    other = merge(again, {"policy.variant": "ppo"})
+    saved = load_policy_file(tmp_path / "a" / "policy.pt")
+    again = merge(config, {"policy.load_path": str(tmp_path / "a" / "policy.pt"), "train.steps": 1})
+    session = build_session(again)
+    from airlora.trainer import context
+
+    session.allocator.allocate(context(session, 0, session.adapters.ranks()))
+    loaded = session.allocator.policy.policy_state()
+    for name, tensor in saved["refiner"].items():
+        torch.testing.assert_close(loaded["refiner"][name], tensor)
+    weight = "actor_mean.0.weight"
+    torch.testing.assert_close(loaded["ppo"]["model"][weight], saved["ppo"]["model"][weight])
+    torch.testing.assert_close(loaded["critic"]["weights"], saved["critic"]["weights"])
+    assert run(merge(again, {"train.steps": 4}), tmp_path / "b")["budget_ok"]
     with pytest.raises(AirloraError, match="variant"):
-        run(other, tmp_path / "c")
+        run(merge(again, {"policy.variant": "ppo"}), tmp_path / "c")
+    with pytest.raises(AirloraError, match="policy networks"):
+        run(merge(again, {"policy.diffusion.hidden": 16}), tmp_path / "d")
+    (tmp_path / "junk.pt").write_bytes(b"not a policy")
+    with pytest.raises(AirloraError, match="could not be read"):
+        run(merge(again, {"policy.load_path": str(tmp_path / "junk.pt")}), tmp_path / "e")
 
 
 def test_ppo_variant_needs_the_full_action_dim(tiny_config, tmp_path):
     config = merge(tiny_config, {"allocator": "airllm", "policy.variant": "ppo", "policy.ppo.coarse_dim": 3,
                                  **SMALL_POLICY})
-    with pytest.raises(AirloraError, match="coarse_dim"):
+    with pytest.raises(AirloraError, match="coarse_dim = 3: the 'ppo' variant acts on the full rank vector"):
         run(config, tmp_path)
-    assert dataclasses.is_dataclass(config.policy)
+    assert not (tmp_path / "summary.json").exists()

@@ -65,7 +65,8 @@ def test_act_shapes_logprob_and_coarse_dim():
     torch.testing.assert_close(logprob, expected)
     new_logprob, entropy = ppo.model.log_prob(obs, action)
     torch.testing.assert_close(new_logprob.detach(), expected)
-    torch.testing.assert_close(entropy.detach(), torch.distributions.Normal(mean, math.exp(-1.0)).entropy().sum(-1))
+    # the entropy is per action entry (a mean over them), so a bonus means the same for any number of modules
+    torch.testing.assert_close(entropy.detach(), torch.distributions.Normal(mean, math.exp(-1.0)).entropy().mean(-1))
     torch.testing.assert_close(ppo.evaluate(obs), value)
     # the same generator seed gives the same action
     again, _, _ = ppo.act(obs, torch.Generator().manual_seed(1))
@@ -90,6 +91,45 @@ def test_ppo_learns_a_continuous_bandit():
     assert end < 0.2 * start, (start, end)
     assert set(metrics) >= {"policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"}
     assert all(math.isfinite(v) for k, v in metrics.items() if k != "explained_variance")
+
+
+def test_categorical_heads_logprob_mode_and_learning():
+    torch.manual_seed(0)
+    ppo = PPO(state_dim=2, action_dim=3, config=PPOConfig(hidden=32, lr=3e-3, update_epochs=4, minibatch_size=64,
+                                                          target_kl=None), categories=5)
+    obs = torch.ones(64, 2)
+    gen = torch.Generator().manual_seed(0)
+    action, logprob, _ = ppo.act(obs, gen)
+    assert action.dtype == torch.float32 and set(action.unique().tolist()) <= {0, 1, 2, 3, 4}
+    dist = torch.distributions.Categorical(logits=ppo.model.logits(obs).detach())
+    torch.testing.assert_close(logprob, dist.log_prob(action.long()).sum(-1))
+    new_logprob, entropy = ppo.model.log_prob(obs, action)
+    torch.testing.assert_close(new_logprob.detach(), logprob)
+    torch.testing.assert_close(entropy.detach(), dist.entropy().mean(-1))
+    target = torch.tensor([4.0, 0.0, 2.0])  # the best category of each entry
+    for _ in range(60):
+        action, logprob, value = ppo.act(obs, gen)
+        reward = -(action - target).abs().sum(-1)
+        adv, ret = compute_gae(reward[:, None], value[:, None], torch.ones(64, 1), torch.zeros(1), 0.0, 0.0)
+        ppo.update(obs, action, logprob, adv[:, 0], ret[:, 0], value, generator=gen)
+    mode, _, _ = ppo.act(obs[:1], deterministic=True)
+    assert mode[0].tolist() == target.tolist()
+
+
+def test_target_kl_stops_the_epochs_early():
+    torch.manual_seed(0)
+    obs, gen = torch.randn(32, 2), torch.Generator().manual_seed(0)
+    steps = {}
+    for target_kl in (None, 1e-6):
+        ppo = PPO(2, 3, PPOConfig(hidden=16, lr=1e-2, update_epochs=10, minibatch_size=32, target_kl=target_kl))
+        calls = []
+        original = ppo.optimizer.step
+        ppo.optimizer.step = lambda *a, calls=calls, original=original, **k: (calls.append(1), original(*a, **k))[1]
+        action, logprob, value = ppo.act(obs, gen)
+        reward = -(action**2).sum(-1)
+        ppo.update(obs, action, logprob, reward - value, reward, value, generator=gen)
+        steps[target_kl] = len(calls)
+    assert steps[None] == 10 and steps[1e-6] < 10, steps
 
 
 def test_state_dict_round_trip():

@@ -72,6 +72,8 @@ class HeuristicAllocator(Allocator):
         return greedy_fill(budget, dict.fromkeys(budget.keys, floor_rank), scores)
 
     def observe(self, outcome: StepOutcome) -> None:
+        if outcome.model is None:  # no gradients to score triplets by (the bandit): the floor and cheapest-first fill
+            return
         if self.sensitivity is None:
             self._start(outcome.model)
         self.sensitivity.update(outcome.model)

@@ -25,6 +25,11 @@ class RandomAllocator(Allocator):
         draws = self.rng.integers(0, ctx.budget.r_max + 1, size=len(ctx.budget.keys))
         return {key: int(r) for key, r in zip(ctx.budget.keys, draws, strict=True)}
 
+    def deliver(self, ctx: AllocationContext) -> RankMap:
+        """One draw from a generator seeded by (seed, step), so a delivery changes nothing and repeats exactly."""
+        draws = np.random.default_rng([self.seed, ctx.step]).integers(0, ctx.budget.r_max + 1, len(ctx.budget.keys))
+        return {key: int(r) for key, r in zip(ctx.budget.keys, draws, strict=True)}
+
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
 

@@ -33,22 +33,30 @@ class PPOConfig:
     """Adam learning rate of actor and critic (paper: 1e-4)."""
     value_coef: float = 0.5
     """Weight of the value loss in the total PPO loss."""
-    entropy_coef: float = 0.01
-    """Weight of the entropy bonus in the total PPO loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (mean over action entries) in the total PPO loss. 0, as CleanRL's continuous
+    PPO: with 0.01 on a bonus summed over 36 entries the std grew (1.00 -> 1.27) instead of narrowing."""
     update_epochs: int = 10
     """Passes over the collected batch per update."""
     minibatch_size: int = 64
     """Transitions per gradient step; a smaller batch is used whole."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip per step."""
-    clip_value_loss: bool = True
-    """Clip the value update around the old value estimate, as CleanRL does."""
+    clip_value_loss: bool = False
+    """Clip the value update around the old value estimate by clip_coef. Off: CleanRL clips value steps of
+    normalised returns; on raw rewards near −0.5 a 0.2 clip kept the value function from fitting (explained
+    variance ~0)."""
     normalize_advantages: bool = True
     """Standardise advantages within each minibatch."""
+    target_kl: float | None = 0.02
+    """Stop an update's epochs early once the approximate KL to the rollout's policy passes this (CleanRL's
+    target_kl); None runs every epoch. Ten epochs on a 15-step episode moved the policy by KL ≈ 0.13 per update
+    (clip fraction 0.55), far past the trust region PPO's clip assumes."""
     coarse_dim: int | None = None
     """Size A of the coarse action a_out; None means the full action dim D = 6L (the official code uses 16)."""
-    init_log_std: float = 0.0
-    """Initial log standard deviation of the state-independent Gaussian over the coarse action."""
+    init_log_std: float = -1.2
+    """Initial log standard deviation of the Gaussian over the coarse action: e^-1.2 = 0.3 on [-1, 1], about 1.4
+    rank bins at r_max 8 (std 1 spread the actions over the whole range and past its ends)."""
 
     def __post_init__(self) -> None:
         _check(self.hidden >= 1, "ppo.hidden", "an integer >= 1", self.hidden)
@@ -65,6 +73,8 @@ class PPOConfig:
         _check(self.minibatch_size >= 1, "ppo.minibatch_size", "an integer >= 1", self.minibatch_size)
         _check(_finite(self.max_grad_norm) and self.max_grad_norm > 0, "ppo.max_grad_norm", "a positive number",
                self.max_grad_norm)
+        _check(self.target_kl is None or (_finite(self.target_kl) and self.target_kl > 0), "ppo.target_kl",
+               "null or a positive number", self.target_kl)
         _check(self.coarse_dim is None or self.coarse_dim >= 1, "ppo.coarse_dim", "null or an integer >= 1",
                self.coarse_dim)
         _check(_finite(self.init_log_std) and -20 <= self.init_log_std <= 2, "ppo.init_log_std",
@@ -107,6 +117,12 @@ class DiffusionConfig:
     """Clip the predicted x̂0 to the normalised action range [-1, 1] at every reverse step."""
     cond_drop_prob: float = 0.1
     """Probability of replacing the condition by the learned null condition in training (classifier-free guidance)."""
+    start_strength: float = 0.5
+    """Share of the reverse chain run when refining a coarse action: the action is noised to that level and
+    denoised from there (SDEdit), so the refined ranks stay near PPO's proposal and PPO's action reaches the
+    reward. 1 starts from pure noise, as the paper (the refiner then learned to ignore the coarse action: its
+    output followed x_T, variance from the coarse action 2.08 -> 0.05). Variants without a coarse action always
+    start from noise."""
     guidance_scale: float = 1.5
     """w in guided = uncond + w·(cond − uncond): 1 is plain conditional, 0 unconditional, > 1 sharpens the condition."""
     lr: float = 5e-5
@@ -142,6 +158,8 @@ class DiffusionConfig:
         _check(self.sampler in typing.get_args(Sampler), "diffusion.sampler", _one_of(Sampler), self.sampler)
         _check(_finite(self.cond_drop_prob) and 0 <= self.cond_drop_prob < 1, "diffusion.cond_drop_prob",
                "a number in [0, 1)", self.cond_drop_prob)
+        _check(_finite(self.start_strength) and 0 < self.start_strength <= 1, "diffusion.start_strength",
+               "a number in (0, 1]", self.start_strength)
         _check(_finite(self.guidance_scale) and self.guidance_scale >= 0, "diffusion.guidance_scale",
                "a number >= 0", self.guidance_scale)
         _check(self.guidance_scale == 1 or self.cond_drop_prob > 0, "diffusion.guidance_scale",
@@ -152,7 +170,31 @@ class DiffusionConfig:
                "a positive number", self.max_grad_norm)
 
 
+@dataclass
+class PretrainConfig:
+    """`airlora pretrain-policy`: the policy trained on a loss surrogate calibrated from the model (surrogate.py)."""
+
+    episodes: int = 1000
+    """Episodes on the surrogate (the paper trains 1,000; a CPU run has 20–40)."""
+    probe_batches: int = 4
+    """Training batches whose loss gradient calibrates each module's importance and rank curve."""
+    loss_gap: float = 0.05
+    """Surrogate loss between no adapter and every module at r_max; sets the rank's worth against λ·η. The default
+    is the end-of-run training-loss gap of uniform rank 0 vs rank 8 on the default model and data, 300 steps."""
+    noise_std: float = 0.1
+    """σ of the surrogate's loss noise (a real run's batch-to-batch noise is ~0.1)."""
+
+    def __post_init__(self) -> None:
+        _check(self.episodes >= 1, "policy.pretrain.episodes", "an integer >= 1", self.episodes)
+        _check(self.probe_batches >= 1, "policy.pretrain.probe_batches", "an integer >= 1", self.probe_batches)
+        _check(_finite(self.loss_gap) and self.loss_gap > 0, "policy.pretrain.loss_gap", "a positive number",
+               self.loss_gap)
+        _check(_finite(self.noise_std) and self.noise_std >= 0, "policy.pretrain.noise_std", "a number >= 0",
+               self.noise_std)
+
+
 PolicyVariant = Literal["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet"]
+CriticKind = Literal["additive", "mlp"]
 
 
 @dataclass
@@ -160,23 +202,55 @@ class PolicyConfig:
     """The `airllm` allocator: which parts of the hierarchy run (paper Table III) and how they are trained."""
 
     variant: PolicyVariant = "ppo+ddim-mlp"
-    """'ppo' (PPO alone), 'ddim' (refiner alone, on the state), 'ppo+ddpm', 'ppo+ddim-mlp' or 'ppo+ddim-unet'."""
+    """'ppo' (PPO alone, a categorical head per module), 'ddim' (refiner alone, on the state), 'ppo+ddpm',
+    'ppo+ddim-mlp' or 'ppo+ddim-unet'."""
     episode_steps: int = 15
-    """Environment steps per episode T_env (paper: 15); PPO and the refiner update once per episode."""
+    """Environment steps per episode T_env (paper: 15); PPO and the refiner learn once per episode."""
     refiner_updates: int = 8
-    """Gradient steps of the refiner (and its critic) per episode, on minibatches of the shared buffer."""
+    """Gradient steps of the refiner per episode, on minibatches of the shared buffer."""
     refiner_batch: int = 64
     """Transitions per refiner minibatch."""
     buffer_size: int = 4096
     """Capacity of the shared buffer {s, a_out, ã, R} (oldest overwritten first)."""
+    critic: CriticKind = "additive"
+    """The critic of (state, ranks): 'additive' (Bayesian linear, additive over modules, closed-form posterior) or
+    'mlp' (an ensemble of MLPs fitted by SGD); see airlora.policy.critic for why additive is the default."""
     critic_lr: float = 1e-3
-    """Adam learning rate of the critic Q(s, a) used by the hybrid loss."""
+    """Adam learning rate of the 'mlp' critic."""
+    critic_updates: int = 8
+    """Gradient steps of the 'mlp' critic per episode (the additive critic is solved exactly instead)."""
+    critic_smoothness: float = 10.0
+    """Additive critic: prior precision of the second differences of the shared rank curve, in units of one
+    observation (the curve bends only where the data make it)."""
+    critic_ridge: float = 1e-2
+    """Additive critic: prior precision of each weight, in units of one observation."""
+    critic_memory_steps: int | None = None
+    """Additive critic: forget old observations with this time constant (in steps); None keeps them all."""
+    candidates: int = 16
+    """Refined actions sampled per decision (one batched reverse chain); the one the critic scores best is taken.
+    Diffusion policies choose among samples by a critic this way (IDQL, Diffusion-QL's evaluation)."""
+    explore_bonus: float = 0.5
+    """While training, candidates are scored by critic mean + explore_bonus·std (optimism where it knows little)."""
+    action_steps: int = 10
+    """Gradient steps that move the chosen candidate uphill on the critic's estimate before it is executed (DIPO's
+    action gradient); each step is kept only if the estimate improves. 0 executes the candidate as sampled."""
+    action_step_size: float = 1.0
+    """Largest change of any module's rank in the first action-gradient step (halved after a step that fails)."""
+    deliver_candidates: int = 64
+    """Candidates of the deterministic delivery decision (fixed noise seed, PPO's mean action)."""
+    deliver_pessimism: float = 1.0
+    """At delivery, candidates are scored by critic mean − deliver_pessimism·std (no trust outside its data)."""
+    prior_steps: int = 500
+    """A policy loaded with --policy keeps its critic's knowledge weighted as this many observations, so the
+    run's own rewards can correct what was learned elsewhere (e.g. on a calibrated surrogate)."""
     load_path: str | None = None
-    """A policy.pt of an earlier airllm run to start from (set by --policy)."""
+    """A policy.pt (from an airllm run or `airlora pretrain-policy`) to start from (set by --policy)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """The PPO coarse agent."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     """The diffusion refiner; the variant overrides its denoiser and sampler."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """`airlora pretrain-policy`: calibration and surrogate training."""
 
     def __post_init__(self) -> None:
         _check(self.variant in typing.get_args(PolicyVariant), "policy.variant", _one_of(PolicyVariant), self.variant)
@@ -185,7 +259,26 @@ class PolicyConfig:
         _check(self.refiner_batch >= 1, "policy.refiner_batch", "an integer >= 1", self.refiner_batch)
         _check(self.buffer_size >= self.episode_steps, "policy.buffer_size",
                f"an integer >= episode_steps={self.episode_steps}", self.buffer_size)
+        _check(self.critic in typing.get_args(CriticKind), "policy.critic", _one_of(CriticKind), self.critic)
         _check(_finite(self.critic_lr) and self.critic_lr > 0, "policy.critic_lr", "a positive number", self.critic_lr)
+        _check(self.critic_updates >= 1, "policy.critic_updates", "an integer >= 1", self.critic_updates)
+        _check(_finite(self.critic_smoothness) and self.critic_smoothness >= 0, "policy.critic_smoothness",
+               "a number >= 0", self.critic_smoothness)
+        _check(_finite(self.critic_ridge) and self.critic_ridge > 0, "policy.critic_ridge", "a positive number",
+               self.critic_ridge)
+        _check(self.critic_memory_steps is None or self.critic_memory_steps >= 2, "policy.critic_memory_steps",
+               "null or an integer >= 2", self.critic_memory_steps)
+        _check(1 <= self.candidates <= 1024, "policy.candidates", "an integer in [1, 1024]", self.candidates)
+        _check(_finite(self.explore_bonus) and self.explore_bonus >= 0, "policy.explore_bonus", "a number >= 0",
+               self.explore_bonus)
+        _check(0 <= self.action_steps <= 1000, "policy.action_steps", "an integer in [0, 1000]", self.action_steps)
+        _check(_finite(self.action_step_size) and self.action_step_size > 0, "policy.action_step_size",
+               "a positive number", self.action_step_size)
+        _check(1 <= self.deliver_candidates <= 4096, "policy.deliver_candidates", "an integer in [1, 4096]",
+               self.deliver_candidates)
+        _check(_finite(self.deliver_pessimism) and self.deliver_pessimism >= 0, "policy.deliver_pessimism",
+               "a number >= 0", self.deliver_pessimism)
+        _check(self.prior_steps >= 1, "policy.prior_steps", "an integer >= 1", self.prior_steps)
 
     def effective_diffusion(self) -> DiffusionConfig:
         """The diffusion config with the variant's denoiser and sampler applied."""

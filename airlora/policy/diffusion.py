@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor, nn
 
@@ -143,25 +142,40 @@ class DiffusionRefiner(nn.Module):
     encode_ranks = staticmethod(encode_ranks)
     decode_ranks = staticmethod(decode_ranks)
 
-    def loss(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None,
-             critic: Callable[[Tensor, Tensor], Tensor] | None = None, state: Tensor | None = None,
-             reward_fn: Callable[[Tensor], Tensor] | None = None,
-             kappa: float | None = None) -> tuple[Tensor, dict[str, float]]:
-        """Hybrid loss L = E||f_ψ − target||² − κ·E[R̂(x̂0)] (paper Eq. 19); returns (loss, metrics).
+    def start_index(self, steps: int | None = None) -> int:
+        """Index of the first reverse step run when sampling starts from a given action (``config.start_strength``)."""
+        steps = self.config.inference_steps if steps is None else steps
+        return steps - max(1, round(steps * self.config.start_strength))
 
-        x0 (B, D) in [-1, 1]; cond (B, C). The paper's reward R_t has no gradient in ψ, so R̂ is made to act on
-        ψ as in Diffusion-QL, using the one-step x̂0 of each noised sample (the "action approximation" of
-        Efficient Diffusion Policies) instead of a full reverse chain:
-        R̂ = critic(state, x̂0) / mean|critic| (Diffusion-QL's scale normalisation, detached) + reward_fn(x̂0)
-        (an exact differentiable reward, e.g. −λ·η, left in reward units), rows weighted by ᾱ_τ. Both are
-        optional; without them, or with κ = 0, the loss is pure denoising. Fit the critic to the part of the
-        reward that reward_fn leaves out, or it is counted twice.
+    def max_train_timestep(self) -> int:
+        """Largest noise level the sampler ever starts from, so the only levels worth training (inclusive)."""
+        cfg = self.config
+        if cfg.start_strength >= 1:
+            return cfg.train_timesteps - 1
+        steps = cfg.inference_steps
+        if cfg.sampler == "ddpm":
+            self.ddpm.set_timesteps(steps)
+            return int(self.ddpm.timesteps[self.start_index(steps)])
+        return int(self._ddim_table(steps)[0][self.start_index(steps)])
+
+    def loss(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None,
+             reward_fn: Callable[[Tensor], Tensor] | None = None, kappa: float | None = None,
+             weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """Hybrid loss L = E_w||f_ψ − target||² − κ·E[R̂(x̂0)] (paper Eq. 19); returns (loss, metrics).
+
+        x0 (B, D) in [-1, 1]; cond (B, C); weights (B,) ≥ 0 per row of the denoising term (advantage weights; None
+        is uniform). The paper's R_t has no gradient in ψ, so R̂ acts on ψ as in Diffusion-QL, on the one-step x̂0
+        of each noised sample (the "action approximation" of Efficient Diffusion Policies) instead of a full
+        reverse chain. ``reward_fn(x̂0)`` (B,) is the whole differentiable reward estimate, already in one unit
+        (the caller normalises its critic and its exact terms together); rows are weighted by ᾱ_τ. Noise levels are
+        drawn up to ``max_train_timestep()``, the levels the sampler uses. Without reward_fn, or κ = 0, the loss is
+        pure denoising.
         """
         cfg = self.config
         kappa = cfg.kappa if kappa is None else kappa
         batch = x0.shape[0]
-        # 1. τ ~ U{0..T-1}, ε ~ N(0, I), x_τ = √ᾱ_τ·x0 + √(1−ᾱ_τ)·ε (paper Eq. 14)
-        t = torch.randint(0, cfg.train_timesteps, (batch,), generator=generator)
+        # 1. τ ~ U{0..τ_max}, ε ~ N(0, I), x_τ = √ᾱ_τ·x0 + √(1−ᾱ_τ)·ε (paper Eq. 14)
+        t = torch.randint(0, self.max_train_timestep() + 1, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         x_t = self.ddim.add_noise(x0, noise, t)
         # 2. classifier-free guidance: drop the condition of a random share of rows to the null embedding
@@ -174,10 +188,12 @@ class DiffusionRefiner(nn.Module):
             target = self.ddim.get_velocity(x0, noise, t)
         else:
             target = x0
-        denoise_loss = F.mse_loss(pred, target)
-        metrics = {"denoise_loss": denoise_loss.item()}
+        per_row = (pred - target).pow(2).mean(-1)  # (B,)
+        row_weights = torch.ones(batch) if weights is None else weights.reshape(batch).to(per_row.dtype)
+        denoise_loss = (row_weights * per_row).sum() / row_weights.sum().clamp_min(1e-8)
+        metrics = {"denoise_loss": float(per_row.detach().mean())}
         loss = denoise_loss
-        if kappa > 0 and (critic is not None or reward_fn is not None):
+        if kappa > 0 and reward_fn is not None:
             # 4. predicted clean action x̂0 from the prediction (Eq. 14 inverted; the paper's Eq. 16 step)
             alpha_bar = self.alphas_cumprod[t].to(x0.dtype)  # (B,)
             a, b = alpha_bar.sqrt()[:, None], (1 - alpha_bar).sqrt()[:, None]
@@ -190,20 +206,7 @@ class DiffusionRefiner(nn.Module):
             # 5. rows are weighted by ᾱ_τ = SNR/(1+SNR): x̂0 is a poor estimate of the action at high noise, and
             #    the weight cancels the 1/√ᾱ_τ blow-up of the ε-parameterisation's x̂0 and gradient there
             weight = alpha_bar / alpha_bar.sum()  # (B,)
-            # 6. differentiable reward estimate R̂(x̂0), per row
-            reward = torch.zeros(batch, dtype=x0.dtype)
-            if critic is not None:
-                if state is None:
-                    raise ValueError("loss: a critic needs the state it scores the action in")
-                q = critic(state, x0_hat).reshape(batch)
-                # Diffusion-QL's normalisation by the (here ᾱ-weighted) mean |Q|, detached: κ then means the
-                # same whatever the critic's scale, and the wild x̂0 of high-noise rows cannot set that scale
-                reward = reward + q / (weight * q.abs()).sum().detach().clamp_min(1e-8)
-                metrics["q_mean"] = q.mean().item()
-            if reward_fn is not None:
-                r = reward_fn(x0_hat).reshape(batch)
-                reward = reward + r
-                metrics["reward_fn_mean"] = r.mean().item()
+            reward = reward_fn(x0_hat).reshape(batch)
             reward_term = (weight * reward).sum()
             loss = loss - kappa * reward_term
             metrics["reward_term"] = reward_term.item()
@@ -211,24 +214,25 @@ class DiffusionRefiner(nn.Module):
         return loss, metrics
 
     def update(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None,
-               critic: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None, state: Tensor | None = None,
-               reward_fn: Callable[[Tensor], Tensor] | None = None, kappa: float | None = None) -> dict[str, float]:
-        """One AdamW step of the denoiser on `loss` (Algorithm 1, lines 18-20); the critic is left untouched."""
-        loss, metrics = self.loss(x0, cond, generator, critic, state, reward_fn, kappa)
+               reward_fn: Callable[[Tensor], Tensor] | None = None, kappa: float | None = None,
+               weights: Tensor | None = None) -> dict[str, float]:
+        """One AdamW step of the denoiser on `loss` (Algorithm 1, lines 18-20); nothing else is updated."""
+        loss, metrics = self.loss(x0, cond, generator, reward_fn, kappa, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics["grad_norm"] = nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.config.max_grad_norm).item()
         self.optimizer.step()
-        if isinstance(critic, nn.Module):
-            critic.zero_grad(set_to_none=True)  # the Q-term's gradient must not leak into the critic's own fit
         return metrics
 
     def sample(self, cond: Tensor, generator: torch.Generator | None = None, guidance_scale: float | None = None,
-               steps: int | None = None) -> Tensor:
+               steps: int | None = None, start: Tensor | None = None) -> Tensor:
         """Refined actions in [-1, 1]: (B, C) -> (B, D), guided = uncond + w·(cond − uncond) at every step.
 
+        With ``start`` (B, D), the coarse action to refine (SDEdit, Meng et al. 2022): it is noised to the level of
+        reverse step ``start_index`` (``config.start_strength`` of the chain) and only the rest of the chain runs,
+        so the result stays near it and cannot ignore it. Without it, or at strength 1, x_T ~ N(0, I) (the paper).
         w = 1 runs the conditional branch only, w = 0 the unconditional one; otherwise both branches go through
-        the network in one batched call per step. x_T ~ N(0, I) is drawn from `generator`. Runs without autograd.
+        the network in one batched call per step. Noise comes from `generator`. Runs without autograd.
         """
         cfg = self.config
         w = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -236,15 +240,22 @@ class DiffusionRefiner(nn.Module):
         if not 1 <= steps <= cfg.train_timesteps:
             raise ValueError(f"steps must be in [1, {cfg.train_timesteps}], got {steps}")
         with torch.inference_mode():
-            x = self._reverse_process(cond, generator, w, steps)
+            x = self._reverse_process(cond, generator, w, steps, start)
         # An inference tensor cannot be saved for backward; the caller may train a critic on this action.
         return x.clone()
 
-    def _reverse_process(self, cond: Tensor, generator: torch.Generator | None, w: float, steps: int) -> Tensor:
+    def _ddim_table(self, steps: int) -> tuple[Tensor, list[DDIMCoefficients]]:
+        if steps not in self._ddim_tables:
+            self._ddim_tables[steps] = ddim_coefficients(self.ddim, steps)
+        return self._ddim_tables[steps]
+
+    def _reverse_process(self, cond: Tensor, generator: torch.Generator | None, w: float, steps: int,
+                         start: Tensor | None) -> Tensor:
         cfg = self.config
         batch = cond.shape[0]
-        # 1. x_T ~ N(0, I)
+        # 1. x_T ~ N(0, I), or the coarse action noised to the first level the chain runs from
         x = torch.randn((batch, self.action_dim), generator=generator, dtype=cond.dtype)  # (B, D)
+        first = 0 if start is None or cfg.start_strength >= 1 else self.start_index(steps)
         # 2. condition embeddings once per decision: branch 0 conditional, branch 1 null (K, B, E)
         null_branches = [False] if w == 1 else [True] if w == 0 else [False, True]
         k = len(null_branches)
@@ -254,14 +265,15 @@ class DiffusionRefiner(nn.Module):
             self.ddpm.set_timesteps(steps)
             timesteps = self.ddpm.timesteps
         else:
-            if steps not in self._ddim_tables:
-                self._ddim_tables[steps] = ddim_coefficients(self.ddim, steps)
-            timesteps, table = self._ddim_tables[steps]
+            timesteps, table = self._ddim_table(steps)
+        if first > 0:
+            t0 = timesteps[first:first + 1]
+            x = self.ddim.add_noise(start.to(x.dtype).clamp(-1.0, 1.0), x, t0.expand(batch))
         # 3. the guided network uncond + w·(cond − uncond) = w·cond + (1 − w)·null, both branches in one call
         weights = [1.0] if k == 1 else [w, 1.0 - w]
         t_embs = self.denoiser.cached(("embed_time", cfg.sampler, steps), lambda: self.denoiser.embed_time(timesteps))
         guided = self.denoiser.guided_fn(t_embs, c_emb, weights)
-        for i in range(len(timesteps)):
+        for i in range(first, len(timesteps)):
             out = guided(i, x)  # (B, D)
             # 4. reverse step (paper Eq. 17)
             if cfg.sampler == "ddpm":
@@ -269,26 +281,3 @@ class DiffusionRefiner(nn.Module):
             else:
                 x = ddim_step(out, x, table[i], cfg.prediction_type, cfg.clip_sample)
         return x.clamp(-1.0, 1.0)
-
-
-class Critic(nn.Module):
-    """Q(s, a) ≈ E[R | s, a]: a SiLU MLP over concat[state, action] with a one-step (bandit) regression loss.
-
-    Actions are in the refiner's normalised space [-1, 1] (`encode_ranks` of the executed ranks).
-    """
-
-    def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, layers: int = 2) -> None:
-        super().__init__()
-        mods: list[nn.Module] = []
-        for i in range(layers):
-            mods += [nn.Linear(state_dim + action_dim if i == 0 else hidden, hidden), nn.SiLU()]
-        mods.append(nn.Linear(hidden, 1))
-        self.net = nn.Sequential(*mods)
-
-    def forward(self, state: Tensor, action: Tensor) -> Tensor:
-        """(B, S), (B, D) -> (B,)."""
-        return self.net(torch.cat([state, action], dim=-1)).squeeze(-1)
-
-    def reward_loss(self, state: Tensor, action: Tensor, reward: Tensor) -> Tensor:
-        """Mean squared error of Q(s, a) against the observed reward R of that decision: the bandit target."""
-        return F.mse_loss(self(state, action), reward.reshape(-1).to(state.dtype))

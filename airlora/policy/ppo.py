@@ -1,7 +1,8 @@
 """The coarse agent (paper §IV-A, Eq. 12): a Gaussian actor-critic MLP trained with clipped PPO and GAE.
 
-The actor outputs a continuous coarse latent a_out (the paper drops PPO's softmax over ranks); the diffusion
-refiner turns it into ranks. Dimension letters: B batch, T rollout steps, N parallel rollouts, S state dim,
+In the hierarchy the actor outputs a continuous coarse latent a_out (the paper drops PPO's softmax over ranks)
+and the diffusion refiner turns it into ranks; the PPO-only baseline keeps the softmax, one categorical head over
+0..r_max per module. Dimension letters: B batch, T rollout steps, N parallel rollouts, S state dim,
 A coarse-action dim.
 """
 
@@ -71,26 +72,45 @@ def _mlp(n_in: int, hidden: int, layers: int, n_out: int, out_std: float) -> nn.
 
 
 class ActorCritic(nn.Module):
-    """Separate Tanh MLPs for the Gaussian mean of a_out and for V(s); a state-independent log-std."""
+    """Separate Tanh MLPs for the policy and for V(s).
+
+    Gaussian (``categories`` None): the actor gives the mean of a_out, with a state-independent log-std.
+    Categorical (``categories`` = n): the actor gives n logits per action entry, each entry drawn from its own
+    softmax (the paper's PPO baseline picks each module's rank from 0..r_max this way).
+    """
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, layers: int = 2,
-                 init_log_std: float = 0.0) -> None:
+                 init_log_std: float = 0.0, categories: int | None = None) -> None:
         super().__init__()
-        # Small last-layer gains: the actor starts near a zero mean, the critic near zero values (CleanRL).
-        self.actor_mean = _mlp(state_dim, hidden, layers, action_dim, out_std=0.01)
+        self.action_dim, self.categories = action_dim, categories
+        # Small last-layer gains: the actor starts near a zero mean (or uniform logits), the critic near zero values
+        # (CleanRL).
+        self.actor_mean = _mlp(state_dim, hidden, layers, action_dim * (categories or 1), out_std=0.01)
         self.critic = _mlp(state_dim, hidden, layers, 1, out_std=1.0)
-        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)))
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(init_log_std)), requires_grad=categories is None)
 
     def value(self, obs: Tensor) -> Tensor:
         """V(s): (B, S) -> (B,)."""
         return self.critic(obs).squeeze(-1)
 
+    def logits(self, obs: Tensor) -> Tensor:
+        """Categorical logits: (B, S) -> (B, A, n)."""
+        return self.actor_mean(obs).reshape(obs.shape[0], self.action_dim, self.categories)
+
     def log_prob(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """log π(a|s) and the entropy of π(·|s): (B, S), (B, A) -> (B,), (B,)."""
+        """log π(a|s) and the entropy of π(·|s) per action entry (mean over A): (B, S), (B, A) -> (B,), (B,).
+
+        The entropy is a mean over the entries, not a sum, so the bonus means the same for 6 or 144 modules.
+        """
+        if self.categories is not None:
+            log_p = torch.log_softmax(self.logits(obs), dim=-1)  # (B, A, n)
+            chosen = log_p.gather(-1, actions.long()[..., None]).squeeze(-1)  # (B, A)
+            entropy = -(log_p.exp() * log_p).sum(-1).mean(-1)
+            return chosen.sum(-1), entropy
         mean = self.actor_mean(obs)  # (B, A)
         z = (actions - mean) * torch.exp(-self.log_std)
         log_prob = (-0.5 * z.pow(2) - self.log_std - _LOG_SQRT_2PI).sum(-1)
-        entropy = (self.log_std + 0.5 + _LOG_SQRT_2PI).sum().expand(obs.shape[0])
+        entropy = (self.log_std + 0.5 + _LOG_SQRT_2PI).mean().expand(obs.shape[0])
         return log_prob, entropy
 
 
@@ -100,20 +120,36 @@ class PPO:
     Call `act` to collect a rollout, `compute_gae` on it, then `update` once per rollout (Algorithm 1, lines 15-16).
     """
 
-    def __init__(self, state_dim: int, action_dim: int, config: PPOConfig | None = None) -> None:
+    def __init__(self, state_dim: int, action_dim: int, config: PPOConfig | None = None,
+                 categories: int | None = None) -> None:
         self.config = config or PPOConfig()
+        self.categories = categories
         self.state_dim = state_dim
         self.coarse_dim = self.config.coarse_dim or action_dim  # A: config.coarse_dim, or the full action dim D
         self.model = ActorCritic(state_dim, self.coarse_dim, self.config.hidden, self.config.layers,
-                                 self.config.init_log_std)
+                                 self.config.init_log_std, categories)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, eps=1e-5)
 
     @torch.no_grad()
-    def act(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample a_out ~ π(·|s): (B, S) -> coarse_action (B, A), logprob (B,), value (B,)."""
+    def act(self, obs: Tensor, generator: torch.Generator | None = None,
+            deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """a ~ π(·|s), or its mean or mode when ``deterministic``: (B, S) -> action (B, A), logprob (B,), value (B,).
+
+        Categorical actions are the chosen category of each entry, as floats.
+        """
+        if self.categories is not None:
+            log_p = torch.log_softmax(self.model.logits(obs), dim=-1)  # (B, A, n)
+            if deterministic:
+                action = log_p.argmax(-1)
+            else:
+                flat = torch.multinomial(log_p.exp().reshape(-1, self.categories), 1, generator=generator)
+                action = flat.reshape(log_p.shape[:-1])
+            logprob = log_p.gather(-1, action[..., None]).squeeze(-1).sum(-1)
+            return action.to(obs.dtype), logprob, self.model.value(obs)
         mean = self.model.actor_mean(obs)  # (B, A)
         std = self.model.log_std.exp()
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = torch.zeros_like(mean) if deterministic else torch.randn(mean.shape, generator=generator,
+                                                                         dtype=mean.dtype)
         coarse_action = mean + std * noise
         logprob = (-0.5 * noise.pow(2) - self.model.log_std - _LOG_SQRT_2PI).sum(-1)
         return coarse_action, logprob, self.model.value(obs)
@@ -138,6 +174,8 @@ class PPO:
         sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"), 0.0)
         n = 0
         for _ in range(cfg.update_epochs):
+            if cfg.target_kl is not None and n and sums["approx_kl"] / n > cfg.target_kl:
+                break  # the policy has moved as far as one update should (CleanRL's target_kl)
             order = torch.randperm(batch, generator=generator)
             for start in range(0, batch, minibatch):
                 idx = order[start:start + minibatch]
