@@ -14,6 +14,8 @@ exactly unchanged. A later rank increase restores them where they were instead o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -168,6 +170,18 @@ class AdapterSet:
             if cut is not None:
                 cuts += [(module.P, 1, cut), (module.lora_E["default"], 0, cut), (module.Q, 0, cut)]
         return cuts
+
+    @contextlib.contextmanager
+    def ranks_for_evaluation(self, ranks: RankMap) -> Iterator[None]:
+        """Evaluate at ``ranks`` (top-|λ| triplets, as a delivery would send them), then put back the exact active
+        sets of training: the optimiser and the training trajectory never see the change."""
+        before = {key: m.active.clone() for key, m in self.modules.items()}
+        self.set_ranks(ranks)
+        try:
+            yield
+        finally:
+            for key, m in self.modules.items():
+                m.activate(before[key])
 
     def parameters(self) -> list[nn.Parameter]:
         """Every adapter parameter (all r_max triplets of every module)."""

@@ -50,6 +50,9 @@ class ChannelConfig:
     """Latency budget T_max for delivering the adapter, in seconds."""
     bits_per_param: int = 32
     """Bits b per transmitted parameter (32 in the paper)."""
+    delivery_snr_db: float | None = None
+    """SNR of the channel the adapter is delivered over: the delivery decision, the checkpoint choice and the
+    reported accuracy use its budget. None: the median of the run's SNR values."""
 
     def __post_init__(self) -> None:
         self.snr_db = tuple(float(s) for s in self.snr_db) if isinstance(self.snr_db, (list, tuple)) else self.snr_db
@@ -69,6 +72,8 @@ class ChannelConfig:
                self.bandwidth_hz)
         _check(_finite(self.t_max_s) and self.t_max_s > 0, "channel.t_max_s", "a positive number of seconds",
                self.t_max_s)
+        _check(self.delivery_snr_db is None or _finite(self.delivery_snr_db), "channel.delivery_snr_db",
+               "null or a finite number of dB", self.delivery_snr_db)
         _check(1 <= self.bits_per_param <= 64, "channel.bits_per_param", "an integer in [1, 64]", self.bits_per_param)
 
 
@@ -170,6 +175,10 @@ class TrainConfig:
     """Mixed precision of forward passes: 'off' (fp32) or 'bf16' (``torch.autocast``; adapters, optimiser state
     and the orthogonality term stay fp32). On a GPU with bf16 it is the speed-up to take; on CPUs without
     AVX512-BF16 or AMX, like the 2-core reference machine, bf16 matmuls are ~70× slower than fp32, so it is off."""
+    deliver_every_snr: bool = False
+    """Also deliver the best checkpoint at every SNR of the run's schedule (its decision, projected onto each
+    budget) and report each one's ranks, size, airtime and test accuracy in the summary (one test pass per
+    distinct rank vector): accuracy against SNR from one run (the paper's Fig. 4)."""
     fast_dropout: bool = True
     """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
     ``bernoulli_``, same p and scaling); False keeps torch's dropout."""

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
 from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
+from airlora.deliveries import per_snr_deliveries
 from airlora.errors import AirloraError
 from airlora.io import write_csv_atomic, write_json_atomic
 from airlora.session import Session, build_session
@@ -167,10 +168,14 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
     result = train(session, out, checkpoint)
     write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)
     restore(session, result.best)
+    deliveries = per_snr_deliveries(session, result) if config.train.deliver_every_snr else None
+    session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
     write_adapter(session, out / "adapter.safetensors")
     extras = session.allocator.save(out)
     summary = summarise(session, result, evaluate(session, session.test_batches), time.perf_counter() - started)
     summary.update(extras)
+    if deliveries is not None:
+        summary["deliveries"] = deliveries
     write_json_atomic(out / "summary.json", summary)
     remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
     return summary

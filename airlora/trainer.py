@@ -40,13 +40,17 @@ CHECKPOINT_FORMAT = "airlora-checkpoint/1"
 
 @dataclass
 class Checkpoint:
-    """The delivered candidate: adapter and head values, ranks and the channel it was chosen for."""
+    """The delivered candidate: adapter and head values, and the ranks it is delivered with on its channel."""
 
     step: int
     val_accuracy: float
+    """Validation accuracy at the delivered ranks."""
     snr_db: float
+    """The delivery channel's SNR."""
     adapter_state: dict[str, torch.Tensor]
     head_state: dict[str, torch.Tensor]
+    ranks: dict[str, int]
+    """The delivery decision, projected onto the delivery channel's budget."""
 
 
 @dataclass
@@ -243,18 +247,21 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             "apply_s": apply_s, "update_s": update_s, "rss_mb": rss_mb(),
         }
 
-        # 4. evaluation, best checkpoint, the paper's early-stop rule
+        # 4. evaluation at the ranks it would be delivered with, best checkpoint, the paper's early-stop rule
         last = step == cfg.train.steps - 1
         if (step + 1) % cfg.train.eval_every == 0 or last:
             t2 = time.perf_counter()
-            val_acc = evaluate(session, session.val_batches)
+            delivery_snr = delivery_snr_db(session)
+            delivered = delivery_ranks(session, delivery_snr, step + 1, ranks, loop.rows + [row])
+            with adapters.ranks_for_evaluation(delivered):
+                val_acc = evaluate(session, session.val_batches)
             loop.eval_s += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
             # checkpoints before the allocator's first deliverable step are neither delivered nor counted
             candidate = step >= allocator.first_deliverable_step or last
             if candidate and (loop.best is None or val_acc > loop.best.val_accuracy):
-                loop.best = Checkpoint(step, val_acc, snr_db, adapters.state(),
-                                       {k: p.detach().clone() for k, p in session.head.items()})
+                loop.best = Checkpoint(step, val_acc, delivery_snr, adapters.state(),
+                                       {k: p.detach().clone() for k, p in session.head.items()}, delivered)
                 loop.evals_without_gain = 0
             elif candidate:
                 loop.evals_without_gain += 1
@@ -280,6 +287,30 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step)
 
 
+def delivery_snr_db(session: Session) -> float:
+    """The SNR the adapter is delivered at: ``channel.delivery_snr_db``, else the median of the run's SNR values
+    (a typical channel; per-SNR deliveries are in the summary with ``train.deliver_every_snr``)."""
+    if session.config.channel.delivery_snr_db is not None:
+        return session.config.channel.delivery_snr_db
+    values = sorted(session.snr.values)
+    return values[(len(values) - 1) // 2]
+
+
+def delivery_ranks(session: Session, snr_db: float, step: int, ranks: dict[str, int],
+                   rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The allocator's evaluation-mode decision for a delivery at ``snr_db``, projected onto that budget.
+
+    Its state: the ranks now, the mean lexical entropy and OOV rate of the batches trained so far (the data the
+    adapter learned from, rather than one batch's), the progress after ``step`` steps.
+    """
+    budget = session.budget(snr_db)
+    entropy = float(np.mean([r["lexical_entropy"] for r in rows])) if rows else 0.0
+    oov = float(np.mean([r["oov_rate"] for r in rows])) if rows else 0.0
+    ctx = AllocationContext(step, snr_db, budget, entropy, oov, ranks, session.bandwidth_hz,
+                            min(step / session.config.train.steps, 1.0))
+    return budget.project(session.allocator.deliver(ctx))
+
+
 def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | None = None) -> AllocationContext:
     """What the allocator sees before ``step`` (``batch``: that step's training batch, when already built)."""
     snr_db = session.snr.snr_db(step)
@@ -297,7 +328,7 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "rows": loop.rows,
         "best": None if best is None else {"step": best.step, "val_accuracy": best.val_accuracy,
                                            "snr_db": best.snr_db, "adapter_state": best.adapter_state,
-                                           "head_state": best.head_state},
+                                           "head_state": best.head_state, "ranks": best.ranks},
         "evals_without_gain": loop.evals_without_gain,
         "rewards_since_eval": loop.rewards_since_eval,
         "nothing_fits_steps": loop.nothing_fits_steps,
@@ -330,7 +361,7 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
     return LoopState(
         step=step, rows=state["rows"],
         best=None if best is None else Checkpoint(best["step"], best["val_accuracy"], best["snr_db"],
-                                                  best["adapter_state"], best["head_state"]),
+                                                  best["adapter_state"], best["head_state"], best["ranks"]),
         evals_without_gain=state["evals_without_gain"], rewards_since_eval=state["rewards_since_eval"],
         nothing_fits_steps=state["nothing_fits_steps"], eval_s=state["eval_s"], elapsed_s=state["elapsed_s"],
         resumed_from_step=step,
