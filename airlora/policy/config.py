@@ -178,9 +178,11 @@ class PretrainConfig:
     """Episodes on the surrogate (the paper trains 1,000; a CPU run has 20–40)."""
     probe_batches: int = 4
     """Training batches whose loss gradient calibrates each module's importance and rank curve."""
-    loss_gap: float = 0.05
+    loss_gap: float = 0.25
     """Surrogate loss between no adapter and every module at r_max; sets the rank's worth against λ·η. The default
-    is the end-of-run training-loss gap of uniform rank 0 vs rank 8 on the default model and data, 300 steps."""
+    is measured on the default model and data: mean training loss of steps 200-299 of a 300-step uniform run at
+    15 dB, 0.506 with rank 0 (head only; --t-max-s 0.0001) against 0.255 with rank 8 (test accuracy 0.777 vs
+    0.897)."""
     noise_std: float = 0.1
     """σ of the surrogate's loss noise (a real run's batch-to-batch noise is ~0.1)."""
 

@@ -82,23 +82,36 @@ def steps_panels(train_rows: list[Row], infer_rows: list[Row], path: Path) -> Pa
     return save(fig, path)
 
 
+def layer_module_grid(values: dict[str, float]) -> np.ndarray:
+    """A mapping "layers.{i}.{module}" -> value as a (layers, 6) array in the canonical module order."""
+    layers = 1 + max(parse_key(k)[0] for k in values)
+    grid = np.zeros((layers, len(MODULES)))
+    for key, value in values.items():
+        layer, module = parse_key(key)
+        grid[layer, MODULES.index(module)] = value
+    return grid
+
+
+def heatmap_panels(panels: dict[str, tuple[dict[str, float], float | None]], path: Path, unit: str = "rank") -> Path:
+    """One layer × module heat-map per panel: title -> (mapping, colour-scale maximum or None for the data's)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False, layout="constrained")
+    for ax, (title, (values, vmax)) in zip(axes[0], panels.items(), strict=True):
+        grid = layer_module_grid(values)
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set(title=title, xlabel="module", ylabel="layer", xticks=range(len(MODULES)), xticklabels=MODULES,
+               yticks=range(grid.shape[0]))
+        ax.title.set_fontsize(9)
+        fig.colorbar(image, ax=ax, fraction=0.046, label=unit if vmax is not None else None)
+    return save(fig, path)
+
+
 def rank_heatmaps(rows: list[Row], path: Path) -> Path:
     """Paper Fig. 8: mean delivered rank per (layer, module), one panel per noise schedule."""
-    schedules = group(rows, "beta_schedule")
-    fig, axes = plt.subplots(1, len(schedules), figsize=(3.8 * len(schedules), 4), squeeze=False,
-                             layout="constrained")
-    for ax, (schedule, chunk) in zip(axes[0], schedules.items(), strict=True):
-        layers = 1 + max(parse_key(k)[0] for k in chunk[0]["ranks"])
-        grid = np.zeros((layers, len(MODULES)))
-        for r in chunk:
-            for key, rank in r["ranks"].items():
-                layer, module = parse_key(key)
-                grid[layer, MODULES.index(module)] += rank / len(chunk)
-        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=chunk[0]["r_max"], aspect="auto")
-        ax.set(title=f"{schedule} (n={len(chunk)})", xlabel="module", ylabel="layer",
-               xticks=range(len(MODULES)), xticklabels=MODULES, yticks=range(layers))
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    return save(fig, path)
+    panels = {}
+    for schedule, chunk in group(rows, "beta_schedule").items():
+        mean = {k: float(np.mean([r["ranks"][k] for r in chunk])) for k in chunk[0]["ranks"]}
+        panels[f"{schedule} (n={len(chunk)})"] = (mean, chunk[0]["r_max"])
+    return heatmap_panels(panels, path)
 
 
 def pareto(rows: list[Row], path: Path) -> Path:
