@@ -61,6 +61,7 @@ class AdditiveCritic:
         self.weights = torch.zeros(self.dim, dtype=torch.float64)  # posterior mean in the full feature space
         self.cov = torch.zeros(self.dim, self.dim, dtype=torch.float64)  # posterior covariance / noise variance
         self.noise_var = 1.0
+        self._sampler: tuple[Tensor, Tensor, Tensor] | None = None
 
     def features(self, state_head: Tensor, ranks: Tensor) -> Tensor:
         """φ(s, r): (B, H), (B, M) continuous ranks in [0, r_max] -> (B, F); differentiable in ``ranks``."""
@@ -124,27 +125,39 @@ class AdditiveCritic:
         chol = torch.linalg.cholesky(precision)
         coef = torch.cholesky_solve((lift.T @ self.moment)[:, None], chol)[:, 0]
         self.weights = lift @ coef
-        self.cov = lift @ torch.cholesky_inverse(chol) @ lift.T
+        coef_cov = torch.cholesky_inverse(chol)
+        self.cov = lift @ coef_cov @ lift.T
+        self._sampler = (lift, coef, torch.linalg.cholesky(coef_cov + 1e-12 * eye))  # for ``sample_weights``
         if self.count > 1:
             # residual variance Σ(y − φw)²/n from the statistics alone: yᵀy − 2wᵀZᵀy + wᵀZᵀZw
             w = self.weights
             sse = self.sum_y2 - 2 * float(w @ self.moment) + float(w @ self.gram @ w)
             self.noise_var = max(sse / self.count, 1e-8)
 
-    def estimate(self, state_head: Tensor, ranks: Tensor, beta: float = 0.0) -> Tensor:
-        """mean + β·std of the critic's y at (s, r): (B, H), (B, M) -> (B,) float32; β < 0 is pessimistic."""
+    def sample_weights(self, generator: torch.Generator) -> Tensor:
+        """One draw of the weights from the posterior (Thompson sampling): (F,) in the full feature space."""
+        if self._sampler is None:
+            return self.weights
+        lift, coef, chol = self._sampler
+        z = torch.randn(coef.shape, generator=generator, dtype=coef.dtype)
+        return lift @ (coef + self.noise_var ** 0.5 * (chol @ z))
+
+    def estimate(self, state_head: Tensor, ranks: Tensor, beta: float = 0.0, weights: Tensor | None = None) -> Tensor:
+        """mean + β·std of the critic's y at (s, r): (B, H), (B, M) -> (B,) float32; β < 0 is pessimistic.
+
+        ``weights`` (a ``sample_weights`` draw) replaces the posterior mean."""
         phi = self.features(state_head, ranks)
-        mean = phi @ self.weights
+        mean = phi @ (self.weights if weights is None else weights)
         if beta == 0:
             return mean.float()
         var = ((phi @ self.cov) * phi).sum(-1).clamp_min(0) * self.noise_var
         return (mean + beta * var.sqrt()).float()
 
-    def module_values(self, beta: float = 0.0) -> np.ndarray:
+    def module_values(self, beta: float = 0.0, weights: Tensor | None = None) -> np.ndarray:
         """Each module's value a_m·shape + β·std(a_m)·|shape| at every knot: (M, G), the separable part of
         ``estimate`` (cross-module covariance left out), for optimising ranks against it quickly."""
         lead, g = 1 + self.head_dim, self.knots.numel()
-        amplitude = self.weights[lead:].reshape(self.modules, g)  # (M, G) = a_m·shape_k
+        amplitude = (self.weights if weights is None else weights)[lead:].reshape(self.modules, g)  # a_m·shape_k
         if beta == 0:
             return amplitude.numpy()
         blocks = torch.arange(lead, self.dim).reshape(self.modules, g)
@@ -155,7 +168,7 @@ class AdditiveCritic:
         """Sufficient statistics and the solved posterior, as tensors and floats."""
         return {"gram": self.gram, "moment": self.moment, "sum_y": self.sum_y, "sum_y2": self.sum_y2,
                 "count": self.count, "shape": self.shape, "weights": self.weights, "cov": self.cov,
-                "noise_var": self.noise_var}
+                "noise_var": self.noise_var, "sampler": list(self._sampler) if self._sampler is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``."""
@@ -163,6 +176,8 @@ class AdditiveCritic:
         self.sum_y, self.sum_y2, self.count = state["sum_y"], state["sum_y2"], state["count"]
         self.shape, self.weights, self.cov = state["shape"].clone(), state["weights"].clone(), state["cov"].clone()
         self.noise_var = state["noise_var"]
+        sampler = state.get("sampler")
+        self._sampler = tuple(t.clone() for t in sampler) if sampler is not None else None
 
     def discount(self, steps: float) -> None:
         """Keep what was learned but weigh it as ``steps`` observations, so new data can move it (a pretrained

@@ -129,15 +129,18 @@ class RankPolicy:
             x = self.refiner.sample(cond, generator, start=start)  # (K, D)
             ranks_k = decode_ranks(x, self.r_max)  # (K, D)
             beta = cfg.explore_bonus if explore else -cfg.deliver_pessimism
-            score = self.score(obs.expand(k, -1), ranks_k.float(), torch.full((k,), capacity_bps), beta)
+            weights = None
+            if explore and cfg.exploration == "thompson" and isinstance(self.critic, AdditiveCritic):
+                weights, beta = self.critic.sample_weights(generator), 0.0  # act as if one posterior draw were true
+            score = self.score(obs.expand(k, -1), ranks_k.float(), torch.full((k,), capacity_bps), beta, weights)
             ranks = ranks_k[int(score.argmax())]
             if isinstance(self.critic, AdditiveCritic) and cfg.action_steps:
-                ranks = self._improve(ranks, capacity_bps, beta)
+                ranks = self._improve(ranks, capacity_bps, beta, weights)
         record = {"state": state, "coarse": coarse[0], "logprob": float(logprob[0]), "value": float(value[0]),
                   "capacity": capacity_bps}
         return ranks.tolist(), record
 
-    def _improve(self, ranks: Tensor, capacity_bps: float, beta: float) -> Tensor:
+    def _improve(self, ranks: Tensor, capacity_bps: float, beta: float, weights: Tensor | None = None) -> Tensor:
         """The chosen candidate moved uphill on the critic's estimate (DIPO's action gradient), in rank units.
 
         J(r) = Σ_m v_m(r̃_m) − λ·η(r̃) with v_m the additive critic's per-module values (``module_values``) and r̃
@@ -147,7 +150,7 @@ class RankPolicy:
         (J is piecewise linear in r̃): autograd costs ~1 ms a step here, this ~20 µs. (D,) -> (D,) integer ranks.
         """
         cfg, g = self.config, self.geometry
-        values = self.critic.module_values(beta)  # (M, G)
+        values = self.critic.module_values(beta, weights)  # (M, G)
         width = float(self.critic.knots[1] - self.critic.knots[0])
         bits = g.bits_per_rank.double().numpy()
         room = max(capacity_bps * g.t_max_s - g.reserved_bits, 0.0)
@@ -186,11 +189,14 @@ class RankPolicy:
                 step /= 2
         return torch.from_numpy(best).long()
 
-    def score(self, state: Tensor, ranks: Tensor, capacity: Tensor, beta: float) -> Tensor:
-        """Estimated reward critic(s, r̃) + β·std − λ·η(r̃) of (B, D) ranks, r̃ what the budget lets through: (B,)."""
+    def score(self, state: Tensor, ranks: Tensor, capacity: Tensor, beta: float,
+              weights: Tensor | None = None) -> Tensor:
+        """Estimated reward critic(s, r̃) + β·std − λ·η(r̃) of (B, D) ranks, r̃ what the budget lets through: (B,).
+
+        ``weights``: a posterior draw of the additive critic to score with instead of its mean."""
         executed = self.geometry.executed(ranks, capacity)
         if isinstance(self.critic, AdditiveCritic):
-            value = self.critic.estimate(state[:, :HEAD_FEATURES], executed, beta)
+            value = self.critic.estimate(state[:, :HEAD_FEATURES], executed, beta, weights)
         else:
             value = self.critic.estimate(state, encode_ranks(executed, self.r_max), beta)
         return value - self.reward_lambda * self.geometry.eta(executed, capacity)
