@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from airlora.codecs import Codec, codec, fake_quantise, lambda_codec, round_trip
 from airlora.config import AdapterConfig
 from airlora.models import ModuleMap
 from airlora.ranks import RankMap
@@ -49,6 +50,8 @@ class SVDLinear(nn.Module):
         self.register_buffer("active", torch.arange(r_max), persistent=False)  # (r,) sorted indices
         self.register_buffer("active_mask", torch.ones(r_max), persistent=False)  # (R,) 1.0 where active
         self.rank = r_max
+        self.train_codec: Codec | None = None
+        """Quantisation-aware training: the codec the training forward fake-quantises the active triplets with."""
 
     @property
     def P(self) -> nn.Parameter:  # (d_out, R)
@@ -97,6 +100,9 @@ class SVDLinear(nn.Module):
             return F.linear(x, weight, self.base.bias)
         out = self.base(x)
         P, lam, Q = self.active_factors()  # only the r active triplets are multiplied
+        if self.train_codec is not None:  # the values the edge will get, with straight-through gradients
+            c = self.train_codec
+            P, lam, Q = fake_quantise(c, P.T).T, fake_quantise(lambda_codec(c), lam), fake_quantise(c, Q)
         h = F.linear(x.to(Q.dtype), Q * (lam * self.scaling)[:, None])  # (B, T, r); λ folded into Q's r rows
         if out.dtype != h.dtype:
             return out + F.linear(h, P).to(out.dtype)
@@ -182,6 +188,50 @@ class AdapterSet:
         finally:
             for key, m in self.modules.items():
                 m.activate(before[key])
+
+    def set_training_precisions(self, precisions: dict[str, int] | None) -> None:
+        """Quantisation-aware training: fake-quantise each module's active triplets at its precision in the training
+        forward (straight-through estimator); None turns it off. Evaluation is unaffected (see ``as_delivered``)."""
+        for key, module in self.modules.items():
+            bits = None if precisions is None else precisions[key]
+            module.train_codec = None if bits is None or bits == 32 else codec(bits)
+
+    @contextlib.contextmanager
+    def as_delivered(self, ranks: RankMap, precisions: dict[str, int] | None = None,
+                     head: dict[str, nn.Parameter] | None = None, head_bits: int = 32) -> Iterator[None]:
+        """Evaluate the model as the edge will have it: ``ranks`` (as ``ranks_for_evaluation``) and every active
+        triplet, and the head, through its codec's round trip; the exact values and active sets are put back after.
+
+        The same functions as the exporter's (``airlora.codecs``), so the accuracy measured here is the edge's.
+        """
+        saved: dict[str, tuple[torch.Tensor, ...]] = {}
+        saved_head: dict[str, torch.Tensor] = {}
+        with self.ranks_for_evaluation(ranks):
+            try:
+                with torch.no_grad():
+                    for key, m in self.modules.items():
+                        bits = 32 if precisions is None else precisions[key]
+                        if bits == 32 or not m.rank:
+                            continue
+                        c = codec(bits)
+                        saved[key] = (m.P.detach().clone(), m.lam.detach().clone(), m.Q.detach().clone())
+                        P, lam, Q = m.active_factors()
+                        P_hat, lam_hat, Q_hat = round_trip(c, P.T).T, round_trip(lambda_codec(c), lam), round_trip(c, Q)
+                        m.P[:, m.active], m.lam[m.active], m.Q[m.active] = P_hat, lam_hat, Q_hat
+                    if head is not None and head_bits != 32:
+                        for name, p in head.items():
+                            saved_head[name] = p.detach().clone()
+                            p.copy_(round_trip(codec(head_bits), p))
+                yield
+            finally:
+                with torch.no_grad():
+                    for key, (P, lam, Q) in saved.items():
+                        m = self.modules[key]
+                        m.P.copy_(P)
+                        m.lam.copy_(lam)
+                        m.Q.copy_(Q)
+                    for name, value in saved_head.items():
+                        head[name].copy_(value)
 
     def parameters(self) -> list[nn.Parameter]:
         """Every adapter parameter (all r_max triplets of every module)."""

@@ -27,13 +27,26 @@ def _snr_overrides(value: str) -> dict[str, Any]:
     return {"channel.snr_db": values}
 
 
+def _bits_list(value: str) -> list[int]:
+    """``--bits``: one number of bits per value or a comma-separated list (checked against the codecs by the config)."""
+    try:
+        bits = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        bits = []
+    if not bits:
+        raise AirloraError(f"--bits {value!r}: expected a number of bits or a comma-separated list, e.g. --bits 8 or "
+                           "--bits 4,8,16,32")
+    return bits
+
+
 def _add_channel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snr-db", help="SNR in dB: a number, a list (write --snr-db=-5,0,5) or a trace file")
     p.add_argument("--bandwidth-hz", type=float, help="bandwidth W in Hz (default: scale-matched to the model)")
     p.add_argument("--t-max-s", type=float, help="latency budget T_max in seconds (default 1)")
     p.add_argument("--fading", choices=["rayleigh", "awgn", "rician"], help="fading model (default rayleigh)")
     p.add_argument("--r-max", type=int, help="largest rank per module (default 8)")
-    p.add_argument("--bits", type=int, help="bits per transmitted parameter (default 32)")
+    p.add_argument("--bits", help="precisions a module may be sent at, bits per value: one (fixed) or a list, e.g. "
+                   "--bits 4,8,16,32 (default 32)")
     p.add_argument("--model", help="local Hugging Face checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
 
 
@@ -84,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     channel = sub.add_parser("channel", help="capacity, budget and the largest uniform rank that fits")
     _add_channel_flags(channel)
 
-    export = sub.add_parser("export", help="write a run's adapter as a PEFT adapter at 32, 16 or 8 bits per parameter")
+    export = sub.add_parser("export", help="write a run's adapter as a PEFT adapter, each module at its codec")
     export.add_argument("run_dir", help="a finished `airlora run --out` folder")
-    export.add_argument("--bits", type=int, choices=[32, 16, 8], default=32, help="bits per parameter (default 32)")
+    export.add_argument("--bits", type=int, choices=[32, 16, 8, 4],
+                        help="send every module and the head at this precision (default: the precisions the run "
+                             "chose and budgeted)")
     export.add_argument("--out", required=True, help="folder for the PEFT adapter and its delivery manifest")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
 
@@ -119,12 +134,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "allocator": "allocator", "steps": "train.steps", "seed": "train.seed",
         "reward_lambda": "train.reward_lambda", "data": "data.source", "eval_every": "train.eval_every",
         "bandwidth_hz": "channel.bandwidth_hz", "t_max_s": "channel.t_max_s", "fading": "channel.fading",
-        "r_max": "adapter.r_max", "bits": "channel.bits_per_param", "model": "model",
+        "r_max": "adapter.r_max", "model": "model",
         "policy_variant": "policy.variant", "policy_path": "policy.load_path", "episodes": "policy.pretrain.episodes",
     }
     out = {path: getattr(args, name) for name, path in pairs.items() if getattr(args, name, None) is not None}
     if args.snr_db is not None:
         out.update(_snr_overrides(args.snr_db))
+    if getattr(args, "bits", None) is not None:
+        out["channel.bits"] = _bits_list(args.bits)
     if getattr(args, "quiet", False):
         out["train.progress"] = False
     return out
@@ -205,13 +222,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
-    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {m['bits_per_param']} bits/param)")
-    print(f"payload {m['payload_bytes']:,} bytes = {m['transmitted_params']:,} params x {m['bits_per_param']} bits / 8")
-    print(f"overhead {m['overhead_bytes']:,} bytes: safetensors header {m['header_bytes']:,}, "
-          f"scales {m['scale_bytes']:,}, adapter_config.json {m['config_bytes']:,}")
-    print(f"accounted bits {m['accounted_bits']:,}; airtime {m['airtime_s']:.4f} s at {m['snr_db']:g} dB "
-          f"(C {m['capacity_bps'] / 1e6:.3f} Mbit/s) of T_max {m['t_max_s']:g} s: {fits}; "
-          f"with overhead {m['airtime_with_overhead_s']:.4f} s")
+    used = sorted({m["precisions"][k] for k, r in m["ranks"].items() if r})
+    what = f"{m['bits_per_param']} bits/value" if m["bits_per_param"] else f"mixed {'/'.join(map(str, used))} bits"
+    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}; head at {m['head_bits']} bits"
+          f"{'' if m['precisions_of_run'] else '; not the precisions the run chose'})")
+    print(f"payload {m['payload_bytes']:,} bytes + scales {m['scale_bytes']:,} bytes ({m['transmitted_params']:,} "
+          f"params)")
+    print(f"overhead {m['overhead_bytes']:,} bytes on the air (zlib of safetensors header {m['header_bytes']:,}, "
+          f"adapter_config.json {m['config_bytes']:,}, delivery.json {m['manifest_bytes']:,}: "
+          f"{m['overhead_raw_bytes']:,} bytes raw)" + (f"; the run reserved {m['reserved_overhead_bytes']:,}"
+                                                       if m["reserved_overhead_bytes"] is not None else ""))
+    print(f"on air {m['on_air_bits']:,} bits; airtime {m['airtime_s']:.4f} s at {m['snr_db']:g} dB "
+          f"(C {m['capacity_bps'] / 1e6:.3f} Mbit/s) of T_max {m['t_max_s']:g} s: {fits}")
     print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
     return 0
 

@@ -59,6 +59,13 @@ class Codec:
         return 2 ** (self.bits - 1) - 1
 
     @property
+    def relative_error(self) -> float:
+        """Bound on |x − x̂| relative to the largest |value| of x's group (float codecs: of |x| itself)."""
+        if not self.integer:
+            return {32: 2.0 ** -24, 16: 2.0 ** -11}[self.bits]
+        return (1 + 2.0 ** -7) / (2 * self.q_max)  # s/2, s ≤ max|x|·(1 + 2^−7)/q_max
+
+    @property
     def lambda_bits(self) -> int:
         """Bits of one λ: the codec's own float, or fp32 under an integer codec."""
         return LAMBDA_BITS_INT if self.integer else self.bits
@@ -137,11 +144,12 @@ def dequantise_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def round_trip(c: Codec, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the edge gets it after this codec (quantise → dequantise), float32, same shape; rows along dim −1."""
+    """``x`` as the edge gets it after this codec (quantise → dequantise): a new float32 tensor of x's shape, no
+    gradient; rows along dim −1."""
     if c.bits == 32:
-        return x.float()
+        return x.detach().float().clone()
     if not c.integer:
-        return x.to(_FLOAT_DTYPES[c.bits]).float()
+        return x.detach().to(_FLOAT_DTYPES[c.bits]).float()
     q, scale = quantise_rows(c, x)
     return dequantise_rows(q, scale).view(x.shape)
 

@@ -22,6 +22,9 @@ from airlora.validation import _check, _finite
 
 ALLOCATORS = ("adalora", "airllm", "heuristic", "random", "uniform")
 """Names ``allocator`` accepts; ``airlora.allocators`` maps each to its class (the config does not import them)."""
+CODEC_BITS = (4, 8, 16, 32)
+"""Precisions ``channel.bits`` accepts: the keys of ``airlora.codecs.CODECS`` (tested equal), every one of which
+``airlora export`` and the edge deliver."""
 Fading = Literal["rayleigh", "awgn", "rician"]
 SnrSchedule = Literal["random", "cycle", "trace"]
 
@@ -48,8 +51,11 @@ class ChannelConfig:
     """Bandwidth W in Hz; None picks the scale-matched bandwidth (channel.scale_matched_bandwidth_hz)."""
     t_max_s: float = 1.0
     """Latency budget T_max for delivering the adapter, in seconds."""
-    bits_per_param: int = 32
-    """Bits b per transmitted parameter (32 in the paper)."""
+    bits: tuple[int, ...] = (32,)
+    """Precisions a module may be sent at, in bits per value, from CODEC_BITS (the codecs of airlora.codecs: fp32,
+    fp16, int8, int4). One value is a fixed precision (32, the paper's, by default); several let the allocator and the
+    budget projection choose one per module. The task head is sent at the highest. The old one-integer field
+    ``bits_per_param: b`` is still read, as ``bits: [b]``."""
     delivery_snr_db: float | None = None
     """SNR of the channel the adapter is delivered over: the delivery decision, the checkpoint choice and the
     reported accuracy use its budget. None: the median of the run's SNR values."""
@@ -74,7 +80,19 @@ class ChannelConfig:
                self.t_max_s)
         _check(self.delivery_snr_db is None or _finite(self.delivery_snr_db), "channel.delivery_snr_db",
                "null or a finite number of dB", self.delivery_snr_db)
-        _check(1 <= self.bits_per_param <= 64, "channel.bits_per_param", "an integer in [1, 64]", self.bits_per_param)
+        if isinstance(self.bits, (list, tuple)) and all(b in CODEC_BITS for b in self.bits):
+            self.bits = tuple(sorted(set(self.bits)))
+        _check(isinstance(self.bits, tuple) and len(self.bits) > 0 and all(b in CODEC_BITS for b in self.bits),
+               "channel.bits", f"a non-empty list of values from {', '.join(map(str, CODEC_BITS))} (the precisions "
+               "airlora export delivers)", list(self.bits) if isinstance(self.bits, tuple) else self.bits)
+
+    ALIASES = {"bits_per_param": "bits"}
+    """Old field names still read, mapped to their new field (``from_dict``)."""
+
+    @property
+    def bits_per_param(self) -> int:
+        """The highest allowed precision: the task head's, and that of a rank-only allocator's proposals."""
+        return max(self.bits)
 
 
 @dataclass
@@ -179,6 +197,11 @@ class TrainConfig:
     """Also deliver the best checkpoint at every SNR of the run's schedule (its decision, projected onto each
     budget) and report each one's ranks, size, airtime and test accuracy in the summary (one test pass per
     distinct rank vector): accuracy against SNR from one run (the paper's Fig. 4)."""
+    quantization_aware: bool = False
+    """Quantisation-aware training: the training forward sends each module's active triplets through its codec's
+    round trip (fake-quantisation, straight-through gradients), so training sees the precision it will be delivered
+    at. Validation and test are of the delivered (round-tripped) adapter either way. The task head is not
+    fake-quantised (it goes at the highest allowed precision)."""
     fast_dropout: bool = True
     """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
     ``bernoulli_``, same p and scaling); False keeps torch's dropout."""
@@ -288,11 +311,29 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         raise AirloraError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    data = _read_aliases(cls, data, prefix)
     unknown = sorted(set(data) - fields)
     if unknown:
         raise AirloraError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
+
+
+def _read_aliases(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Old field names (``cls.ALIASES``) as their new fields: ``channel.bits_per_param: b`` is ``channel.bits: [b]``."""
+    for old, new in getattr(cls, "ALIASES", {}).items():
+        if old not in data:
+            continue
+        value = data[old]
+        if new in data:
+            raise AirloraError(f"{prefix}{old} and {prefix}{new} are both given; {old} is the old name of {new}: "
+                               f"keep only {prefix}{new}")
+        if isinstance(value, bool) or not isinstance(value, int) or value not in CODEC_BITS:
+            raise AirloraError(f"{prefix}{old} = {value!r} is not allowed; expected one of "
+                               f"{', '.join(map(str, CODEC_BITS))} ({old} is the old name of {prefix}{new}, a list "
+                               "of those)")
+        data = {k: v for k, v in data.items() if k != old} | {new: [value]}
+    return data
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
@@ -373,6 +414,10 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+ALIAS_PATHS = {"channel.bits_per_param": "channel.bits"}
+"""Every old config path still read (the ``ALIASES`` of the sections), and the path it now is."""
+
+
 def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """A new config with dotted-path overrides (``{"channel.t_max_s": 0.5}``) applied and re-validated."""
     data = config.to_dict()
@@ -386,4 +431,6 @@ def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
                                    f"section {part!r}; sections: {allowed or 'none'}")
             node, where = node[part], f"{where}{part}."
         node[leaf] = value
+        if dotted in ALIAS_PATHS:  # an old name given on top of a full config replaces its new field
+            node.pop(ALIAS_PATHS[dotted].rpartition(".")[2], None)
     return from_dict(RunConfig, data)

@@ -5,10 +5,12 @@
    attacker who rewrites the manifest too: that needs the out-of-band ``--sha256``.
 2. The base model is loaded fresh from its own folder (head included, then replaced by the delivered one). Every
    delivered tensor must fit it (same module names and sizes); otherwise it was built for another base model.
-3. ``peft.PeftModel.from_pretrained`` attaches the adapter. 8-bit payloads are dequantised first (x = q·s) into a
-   temporary PEFT folder, since PEFT cannot load int8 weights; fp16 is loaded as sent (PEFT casts on load).
+3. ``peft.PeftModel.from_pretrained`` attaches the adapter. A payload with integer codecs (int8, int4, possibly
+   mixed with floats, one codec per module) is dequantised first (``airlora.codecs``: x = q·s) into a temporary
+   PEFT folder, since PEFT cannot load integer weights; a float-only payload is loaded as sent (PEFT casts fp16).
 4. Test accuracy on the run's test split (or ``--data``), and the largest |logit difference| against the cloud
-   model's logits on the manifest's fixed batch.
+   model's logits (as delivered, after the same codecs) on a fixed batch. Both come from the sender's record
+   (delivery_record.json), the test harness's part of the folder: a device in the field gets neither.
 """
 
 from __future__ import annotations
@@ -23,39 +25,40 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from airlora import bundle
+from airlora.bundle import MANIFEST_FILE, PEFT_PARTS, PEFT_PREFIX, RECORD_FILE
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
-from airlora.export import (
-    MANIFEST_FILE,
-    PEFT_PARTS,
-    PEFT_PREFIX,
-    copy_for_peft,
-    dequantise_int8,
-    reference_logits,
-    sha256_file,
-)
+from airlora.export import copy_for_peft, reference_logits, sha256_file
 
 _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "sha256": dict, "payload_file": str, "bits_per_param": int, "seed": int, "data": dict, "reference": dict,
-    "cloud_test_accuracy": (int, float), "payload_bytes": int, "overhead_bytes": int, "transmitted_params": int,
-    "model_dir": str,
+    "sha256": dict, "payload_file": str, "ranks": dict, "precisions": dict, "head_bits": int, "model_dir": str,
 }
 """Manifest entries the edge reads, and their JSON types."""
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "seed": int, "data": dict, "reference": dict, "cloud_test_accuracy": (int, float), "payload_bytes": int,
+    "scale_bytes": int, "overhead_bytes": int, "transmitted_params": int, "on_air_bits": int,
+}
+"""Record entries the edge's evaluation reads."""
+
+
+def _read_fields(path: Path, fields: dict[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise AirloraError(f"{str(path.parent)!r} is not a delivery folder (no readable {path.name}); "
+                           "expected the --out folder of `airlora export`") from None
+    lacking = [key for key, kind in fields.items() if not isinstance(data, dict) or not isinstance(data.get(key), kind)]
+    if lacking:
+        raise AirloraError(f"{str(path)!r} lacks a valid {', '.join(lacking)}; the {what} was changed after export, "
+                           "so nothing is attached")
+    return data
 
 
 def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dict[str, Any]:
     """The manifest of a delivery folder whose payload and config match their SHA-256; a clear error otherwise."""
     adir = Path(adir)
-    try:
-        manifest = json.loads((adir / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise AirloraError(f"{str(adir)!r} is not a delivery folder (no readable {MANIFEST_FILE}); "
-                           "expected the --out folder of `airlora export`") from None
-    lacking = [key for key, kind in _MANIFEST_FIELDS.items()
-               if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind)]
-    if lacking:
-        raise AirloraError(f"{str(adir / MANIFEST_FILE)!r} lacks a valid {', '.join(lacking)}; the manifest was "
-                           "changed after export, so nothing is attached")
+    manifest = _read_fields(adir / MANIFEST_FILE, _MANIFEST_FIELDS, "manifest")
     sums, payload_file = manifest["sha256"], manifest["payload_file"]
     if payload_file not in sums or any(not isinstance(n, str) or Path(n).name != n for n in sums):
         raise AirloraError(f"{str(adir / MANIFEST_FILE)!r}: sha256 must list the payload file {payload_file!r} and "
@@ -74,40 +77,50 @@ def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dic
     return manifest
 
 
+def read_record(adir: str | Path) -> dict[str, Any]:
+    """The sender's record of a delivery (reference logits, test data, accounting)."""
+    return _read_fields(Path(adir) / RECORD_FILE, _RECORD_FIELDS, "record")
+
+
+def payload_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every delivered tensor's PEFT shape (before its codec), by PEFT key: what the base model must fit."""
+    with safe_open(str(path), "pt") as handle:
+        codecs = json.loads((handle.metadata() or {}).get(bundle.CODECS_METADATA, "null"))
+        if isinstance(codecs, dict):
+            return {key: tuple(entry[1:]) for key, entry in codecs.items()}
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
 def check_base(adir: Path, manifest: dict[str, Any], base: torch.nn.Module, base_name: str) -> None:
     """Every delivered tensor must fit ``base``: its module is a linear layer of matching size, its head parameter
     exists with the same shape. Otherwise the delivery was built for another base model."""
     modules, params = dict(base.named_modules()), dict(base.named_parameters())
-    with safe_open(str(adir / manifest["payload_file"]), "pt") as handle:
-        for key in handle.keys():
-            if key.endswith(".scale"):
-                continue
-            shape = tuple(handle.get_slice(key).get_shape())
-            name = key.removeprefix(PEFT_PREFIX)
-            owner, _, part = name.rpartition(".")
-            if part in PEFT_PARTS:
-                module = modules.get(owner)
-                if not isinstance(module, torch.nn.Linear):
-                    problem = f"has no linear layer {owner!r}"
-                else:
-                    r = shape[0] if part != "lora_B" else shape[1]
-                    fits = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r), "lora_E": (r, 1)}
-                    if shape == fits[part]:
-                        continue
-                    problem = (f"has {owner!r} as a {module.in_features} -> {module.out_features} linear layer, "
-                               f"which {part} of shape {shape} does not fit")
-            elif name not in params:
-                problem = f"has no parameter {name!r}"
-            elif tuple(params[name].shape) != shape:
-                problem = f"has {name!r} of shape {tuple(params[name].shape)}, the delivery {shape}"
+    for key, shape in payload_shapes(adir / manifest["payload_file"]).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        owner, _, part = name.rpartition(".")
+        if part in PEFT_PARTS:
+            module = modules.get(owner)
+            if not isinstance(module, torch.nn.Linear):
+                problem = f"has no linear layer {owner!r}"
             else:
-                continue
-            raise AirloraError(f"the delivery was built for another base model ({manifest['model_dir']}): --base "
-                               f"{base_name!r} {problem}; give the base model the run was trained on")
+                r = shape[0] if part != "lora_B" else shape[1]
+                fits = {"lora_A": (r, module.in_features), "lora_B": (module.out_features, r), "lora_E": (r, 1)}
+                if shape == fits[part]:
+                    continue
+                problem = (f"has {owner!r} as a {module.in_features} -> {module.out_features} linear layer, "
+                           f"which {part} of shape {shape} does not fit")
+        elif name not in params:
+            problem = f"has no parameter {name!r}"
+        elif tuple(params[name].shape) != shape:
+            problem = f"has {name!r} of shape {tuple(params[name].shape)}, the delivery {shape}"
+        else:
+            continue
+        raise AirloraError(f"the delivery was built for another base model ({manifest['model_dir']}): --base "
+                           f"{base_name!r} {problem}; give the base model the run was trained on")
 
 
 def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch.nn.Module:
-    """``base`` with the delivered adapter attached by ``PeftModel.from_pretrained`` (8-bit dequantised first)."""
+    """``base`` with the delivered adapter attached by ``PeftModel.from_pretrained`` (integer codecs decoded first)."""
     from peft import PeftModel
 
     with warnings.catch_warnings():
@@ -115,11 +128,12 @@ def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch
         # match nothing; AdaLoRA applies them itself right after, when it resizes the modules at load.
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-        if manifest["bits_per_param"] != 8:
+        if manifest["payload_file"] == bundle.PEFT_PAYLOAD:
             return PeftModel.from_pretrained(base, str(adir)).eval()
-        packed = load_file(str(adir / manifest["payload_file"]))
-        weights = {key: dequantise_int8(q, packed[f"{key}.scale"]) for key, q in packed.items()
-                   if not key.endswith(".scale")}
+        path = adir / manifest["payload_file"]
+        with safe_open(str(path), "pt") as handle:
+            codecs = json.loads((handle.metadata() or {})[bundle.CODECS_METADATA])
+        weights = bundle.decode_tensors(load_file(str(path)), codecs)
         with tempfile.TemporaryDirectory(prefix="airlora-edge-") as tmp:
             copy_for_peft(adir, Path(tmp), weights)
             return PeftModel.from_pretrained(base, tmp).eval()  # weights are copied in: the folder may go
@@ -145,21 +159,23 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
 
     adir = Path(adir)
     manifest = verify_delivery(adir, expected_sha256)
-    seed_everything(manifest["seed"])  # weights a checkpoint lacks are drawn as the cloud drew them
+    record = read_record(adir)
+    seed_everything(record["seed"])  # weights a checkpoint lacks are drawn as the cloud drew them
     model, tokenizer, _ = load_model(base)
     check_base(adir, manifest, model, base)
     model = attach(adir, manifest, model.eval())
 
-    ref = manifest["reference"]
+    ref = record["reference"]
     edge_logits = reference_logits(model, tokenizer, ref["sentences"], ref["max_length"])
     logit_diff = float((edge_logits - torch.tensor(ref["logits"])).abs().max())
 
-    data_config = dict(manifest["data"], **({"source": data} if data else {}))
+    data_config = dict(record["data"], **({"source": data} if data else {}))
     config = from_dict(DataConfig, data_config, "data.")
-    splits = load_splits(config, manifest["seed"])
+    splits = load_splits(config, record["seed"])
     batches = eval_batches(splits.test, tokenizer, config.eval_batch_size, config.max_length)
     test_accuracy = accuracy(model, batches)
-    cloud = manifest["cloud_test_accuracy"]
+    cloud = record["cloud_test_accuracy"]
+    active = {manifest["precisions"][k] for k, r in manifest["ranks"].items() if r} | {manifest["head_bits"]}
     return {
         "test_accuracy": test_accuracy,
         "cloud_test_accuracy": cloud,
@@ -167,10 +183,13 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
         "max_abs_logit_diff": logit_diff,
         "reference_examples": len(ref["sentences"]),
         "test_examples": len(splits.test),
-        "bits_per_param": manifest["bits_per_param"],
-        "payload_bytes": manifest["payload_bytes"],
-        "overhead_bytes": manifest["overhead_bytes"],
-        "transmitted_params": manifest["transmitted_params"],
+        "bits_per_param": active.pop() if len(active) == 1 else None,
+        "precisions": manifest["precisions"],
+        "payload_bytes": record["payload_bytes"],
+        "scale_bytes": record["scale_bytes"],
+        "overhead_bytes": record["overhead_bytes"],
+        "on_air_bits": record["on_air_bits"],
+        "transmitted_params": record["transmitted_params"],
         "sha256": manifest["sha256"][manifest["payload_file"]],
         "checksum_ok": True,
     }

@@ -75,16 +75,17 @@ class RankAllocationEnv(gym.Env):
         s, cfg = self.session, self.session.config
         snr_db = s.snr.snr_db(self.global_step)
         budget = s.budget(snr_db)
-        ranks = budget.project(np.asarray(action, dtype=np.float64))
-        self.tuner.apply(ranks)
+        # the agent chooses ranks; precisions are the budget's highest, lowered by the projection where it must
+        ranks, precisions = budget.project_joint(np.asarray(action, dtype=np.float64))
+        self.tuner.apply(ranks, precisions)
         loss = self.tuner.step(s.train_batches.batch(self.global_step))
         self.tuner.zero_grad()
-        eta = budget.eta(ranks)
+        eta = budget.eta(ranks, precisions)
         reward = -loss - cfg.train.reward_lambda * eta
         self.global_step += 1
         self.episode_step += 1
         terminated = self.global_step >= cfg.train.steps
         truncated = self.episode_step >= self.episode_steps and not terminated
-        info = {"loss": loss, "eta": eta, "snr_db": snr_db, "airtime_s": budget.airtime_s(ranks),
-                "budget_ok": budget.feasible(ranks), "ranks": ranks}
+        info = {"loss": loss, "eta": eta, "snr_db": snr_db, "airtime_s": budget.airtime_s(ranks, precisions),
+                "budget_ok": budget.feasible(ranks, precisions), "ranks": ranks, "precisions": precisions}
         return self._observation(), float(reward), terminated, truncated, info

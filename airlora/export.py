@@ -1,15 +1,14 @@
-"""Export a run's delivered adapter as a PEFT AdaLoRA adapter at 32, 16 or 8 bits per parameter.
+"""Export a run's delivered adapter as a PEFT AdaLoRA adapter, each module at its codec (``airlora.codecs``).
 
-The export folder (ADIR):
-- ``adapter_model.safetensors`` (32 and 16 bits): the tensors under PEFT's on-disk keys, in float32 or float16;
-  ``PeftModel.from_pretrained`` loads it as is.
-- ``adapter_model.int8.safetensors`` (8 bits) instead: every tensor as int8 under the same key, plus its fp32 scale
-  under ``{key}.scale``. Symmetric per-tensor quantisation: s = max|x| / 127, q = round(x / s) in [−127, 127],
-  x ≈ q·s (s = 0 for an all-zero tensor). PEFT cannot load int8 weights, so the edge dequantises before attaching;
-  the different file name keeps PEFT from ever loading the raw integers as if they were weights.
+The export folder (ADIR), as ``airlora.bundle`` lays it out:
+- the payload: the active triplets and the task head, each module at its precision (the run's choice, or one
+  ``--bits`` for all). ``adapter_model.safetensors`` when every codec is a float (PEFT loads it as is; fp16 is cast
+  on load), else ``adapter_model.quantised.safetensors`` (integer codes with bf16 scales, which PEFT cannot load:
+  the edge dequantises first).
 - ``adapter_config.json``: PEFT's AdaLoraConfig carrying the heterogeneous ranks (below).
-- ``delivery.json``: the manifest: SHA-256 of the payload and of the config, the exact accounting, the run's
-  channel, the cloud model's test accuracy, and its logits on a fixed batch for the edge to compare against.
+- ``delivery.json``: the manifest the device needs (ranks, precisions, SHA-256 of the payload and of the config).
+- ``delivery_record.json``: the sender's record, not sent: the exact accounting, the run's channel, the cloud
+  model's test accuracy, and its logits (as delivered, after the codecs) on a fixed batch for the edge to compare.
 
 PEFT format. Keys ``base_model.model.{module}.lora_A`` (r, d_in) = Q_a, ``.lora_B`` (d_out, r) = P_a,
 ``.lora_E`` (r, 1) = λ_a for every module of rank r > 0, and ``base_model.model.{name}`` for each task-head
@@ -22,11 +21,12 @@ only the kept triplets exist, so positions carry no meaning.
 
 Scaling. PEFT's AdaLoRA computes ΔW = B·(A ⊙ E)·lora_alpha / (ranknum + 1e-5); ours is P·diag(λ)·Q·scaling with
 scaling = alpha / r_max. Since ranknum stays r_max, lora_alpha = scaling · float32(r_max + 1e-5) makes the two
-equal up to float rounding, with no tensor changed (so payload bytes stay transmitted params × b / 8 exactly).
+equal up to float rounding, with no tensor changed.
 
-Accounting. Payload bytes are the bytes of the parameter tensors, = transmitted_params × b / 8 exactly (the
-adapter Σ r·(d_in + d_out + 1) plus the head). The safetensors header, the 8-bit scales and adapter_config.json are
-overhead, reported separately, and so is the airtime they add.
+Accounting (checked at every export, or nothing is delivered): the payload's tensor bytes are exactly
+Σ_m r_m·u_m(b_m)/8 + the head's, u_m the codec's bits per unit rank that the run budgeted with; the file is its
+header plus those bytes; the header, config and manifest go on the air as one zlib stream, whose length must stay
+within the overhead the run reserved. Airtime = (tensor bytes + that stream) · 8 / C.
 """
 
 from __future__ import annotations
@@ -35,32 +35,26 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from airlora import bundle
+from airlora.bundle import CONFIG_FILE, MANIFEST_FILE, PEFT_PARTS, PEFT_PAYLOAD, PEFT_PREFIX, RECORD_FILE
+from airlora.codecs import CODECS
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
-from airlora.io import write_json_atomic
+from airlora.io import write_json_atomic, write_text_atomic
 from airlora.ranks import validate_ranks
 
-EXPORT_BITS = (32, 16, 8)
 ADAPTER_FORMAT = "airlora-svd-adapter/1"
 """Metadata 'format' of the adapter.safetensors an `airlora run` writes."""
-CONFIG_FILE = "adapter_config.json"
-MANIFEST_FILE = "delivery.json"
-PAYLOAD_FILES = {32: "adapter_model.safetensors", 16: "adapter_model.safetensors", 8: "adapter_model.int8.safetensors"}
+RECORD_FORMAT = "airlora-delivery-record/1"
 REFERENCE_EXAMPLES = 32
-"""Test sentences whose cloud logits travel in the manifest, for the edge's max_abs_logit_diff."""
-PEFT_PREFIX = "base_model.model."
-"""Prefix of every tensor key in a PEFT adapter file."""
-PEFT_PARTS = ("lora_A", "lora_B", "lora_E")
-"""Tensor names of one adapted module in PEFT's AdaLoRA: Q_a, P_a and λ_a."""
+"""Test sentences whose cloud logits travel in the record, for the edge's max_abs_logit_diff."""
 
 
 def _read_json(path: Path) -> Any:
@@ -90,26 +84,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def safetensors_header_bytes(path: Path) -> int:
-    """Bytes before the tensor data: the 8-byte length and the JSON header (with its padding)."""
-    with open(path, "rb") as handle:
-        return 8 + struct.unpack("<Q", handle.read(8))[0]
-
-
-def quantise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-tensor int8: (q, s) with q = round(x / s) in [−127, 127], s = max|x| / 127 as fp32 (1,)."""
-    amax = float(x.detach().abs().max()) if x.numel() else 0.0
-    scale = torch.tensor([amax / 127.0], dtype=torch.float32)
-    if amax == 0.0:
-        return torch.zeros_like(x, dtype=torch.int8), torch.zeros(1, dtype=torch.float32)
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
-
-
-def dequantise_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x ≈ q·s in float32."""
-    return q.to(torch.float32) * scale.to(torch.float32)
 
 
 class RunAdapter:
@@ -170,6 +144,18 @@ class RunAdapter:
             raise AirloraError(f"{str(files['summary.json'])!r} lacks {', '.join(lacking)}; expected the summary of "
                                "a finished `airlora run`")
         self.head = {key.removeprefix("head."): t for key, t in self.tensors.items() if key.startswith("head.")}
+        # precisions: written by runs since the codecs; an older run was budgeted at its one bits_per_param
+        default = self.config.channel.bits_per_param
+        try:
+            precisions = json.loads(meta["precisions"]) if "precisions" in meta else dict.fromkeys(self.ranks, default)
+            self.head_bits: int = int(meta.get("head_bits", default))
+        except ValueError:
+            precisions, self.head_bits = None, 0
+        if (not isinstance(precisions, dict) or set(precisions) != set(self.ranks)
+                or not all(b in CODECS for b in [*precisions.values(), self.head_bits])):
+            raise AirloraError(f"{adapter!r} metadata: precisions or head_bits are not a precision per module from "
+                               f"{', '.join(map(str, sorted(CODECS)))}; the file was changed after the run")
+        self.precisions: dict[str, int] = {key: int(precisions[key]) for key in self.ranks}
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter under PEFT's on-disk keys, fp32: active triplets of rank > 0 modules, then the head."""
@@ -181,32 +167,36 @@ class RunAdapter:
         out.update({f"{PEFT_PREFIX}{name}": t.float() for name, t in self.head.items()})
         return out
 
-    def peft_config(self) -> Any:
-        """AdaLoraConfig for PEFT: rank-0 modules untargeted, rank_pattern masks, head as modules_to_save."""
-        from peft import AdaLoraConfig
+    def peft_bits(self, precisions: dict[str, int], head_bits: int) -> dict[str, int]:
+        """The precision of each PEFT tensor key: its module's, or the head's."""
+        module_of = {f"{PEFT_PREFIX}{self.module_names[key]}": key for key in self.ranks}
+        return {name: (precisions[module_of[name.rpartition(".")[0]]] if name.rpartition(".")[2] in PEFT_PARTS
+                       else head_bits) for name in self.peft_tensors()}
 
-        targeted = {self.module_names[key]: rank for key, rank in self.ranks.items() if rank}
-        return AdaLoraConfig(
-            task_type="SEQ_CLS",
-            base_model_name_or_path=self.model_dir,
-            init_r=self.r_max,
-            target_r=max(1, round(np.mean(list(self.ranks.values())))),
-            lora_alpha=self.scaling * float(np.float32(self.r_max) + np.float32(1e-5)),
-            lora_dropout=0.0,
-            target_modules=sorted(targeted),
-            rank_pattern={f"{name}.lora_E": [i < rank for i in range(self.r_max)] for name, rank in targeted.items()},
-            modules_to_save=sorted({name.rpartition(".")[0] for name in self.head}),
-            total_step=max(1, int(self.summary.get("steps", 1))),
-            inference_mode=True,
-        )
+    def run_tensors(self, peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT-keyed tensors back under the run's own keys (``{key}.lora_A`` …, ``head.{name}``)."""
+        key_of = {self.module_names[key]: key for key in self.ranks}
+        out = {}
+        for name, value in peft.items():
+            owner, _, part = name.removeprefix(PEFT_PREFIX).rpartition(".")
+            out[f"{key_of[owner]}.{part}" if part in PEFT_PARTS else f"head.{name.removeprefix(PEFT_PREFIX)}"] = value
+        return out
+
+    def adapter_config(self) -> dict[str, Any]:
+        """PEFT's AdaLoraConfig for this adapter (``bundle.adapter_config``)."""
+        return bundle.adapter_config({self.module_names[k]: r for k, r in self.ranks.items()}, self.r_max,
+                                     self.scaling, self.model_dir, list(self.head),
+                                     int(self.summary.get("steps", 1)))
 
 
-def cloud_model(run: RunAdapter) -> tuple[torch.nn.Module, Any]:
-    """The cloud model as the run delivered it: the base, our SVD adapters at the delivered ranks and the head."""
+def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, Any]:
+    """The cloud model as the run delivered it: the base, our SVD adapters at the delivered ranks and the head,
+    with ``tensors`` (run keys, e.g. a payload decoded back) in place of the run's own fp32 values when given."""
     from airlora.adapters import AdapterSet
     from airlora.models import load_model, resolve_modules
     from airlora.session import seed_everything
 
+    values = run.tensors if tensors is None else tensors
     seed_everything(run.config.train.seed)  # weights the checkpoint lacks are drawn exactly as in training
     model, tokenizer, _ = load_model(run.model_dir)
     module_map = resolve_modules(model, run.config.adapter.target_modules)
@@ -215,12 +205,12 @@ def cloud_model(run: RunAdapter) -> tuple[torch.nn.Module, Any]:
     with torch.no_grad():
         for key, module in adapters.modules.items():
             if module.rank:
-                module.Q[module.active] = run.tensors[f"{key}.lora_A"]
-                module.P[:, module.active] = run.tensors[f"{key}.lora_B"]
-                module.lam[module.active] = run.tensors[f"{key}.lora_E"].view(-1)
+                module.Q[module.active] = values[f"{key}.lora_A"]
+                module.P[:, module.active] = values[f"{key}.lora_B"]
+                module.lam[module.active] = values[f"{key}.lora_E"].view(-1)
         params = dict(model.named_parameters())
-        for name, value in run.head.items():
-            params[name].copy_(value)
+        for name in run.head:
+            params[name].copy_(values[f"head.{name}"])
     return model.eval(), tokenizer
 
 
@@ -240,14 +230,16 @@ def _data_dict(run: RunAdapter) -> dict[str, Any]:
     return data
 
 
-def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the run's adapter to ``out`` in PEFT format at ``bits`` per parameter; return the delivery manifest.
+def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write the run's adapter to ``out`` in PEFT format; return the manifest and the record as one dict.
 
-    Everything that can fail on bad input (run folder, model, data) is read before the first file is written, and a
-    failure while writing removes what was written: ``out`` never holds a half-written export.
+    ``bits`` None delivers every module at the precision the run chose (and budgeted); a number sends every module
+    and the head at that codec (e.g. a post-hoc int8 export of an fp32 run). Everything that can fail on bad input
+    (run folder, model, data) is read before the first file is written, and a failure while writing removes what
+    was written: ``out`` never holds a half-written export.
     """
-    if bits not in EXPORT_BITS:
-        raise AirloraError(f"--bits {bits!r} is not allowed; expected one of {', '.join(map(str, EXPORT_BITS))}")
+    if bits is not None and bits not in CODECS:
+        raise AirloraError(f"--bits {bits!r} is not allowed; expected one of {', '.join(map(str, sorted(CODECS)))}")
     run = RunAdapter(run_dir)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -260,101 +252,131 @@ def export_adapter(run_dir: str | Path, bits: int, out: str | Path, overwrite: b
         raise AirloraError(f"{run.run_dir}/adapter.safetensors holds {params:,} parameters but summary.json reports "
                            f"transmitted_params = {run.summary.get('transmitted_params')!r}; the run folder is "
                            "inconsistent")
-    # 1. the payload at the chosen precision (8 bits: int8 tensors and their fp32 scales)
-    scales = {}
-    if bits == 32:
-        payload = tensors
-    elif bits == 16:
-        payload = {key: t.to(torch.float16) for key, t in tensors.items()}
-        if not all(torch.isfinite(t).all() for t in payload.values()):
-            raise AirloraError("a value of the adapter overflows float16; export it at --bits 32")
-    else:
-        payload = {}
-        for key, t in tensors.items():
-            payload[key], scales[f"{key}.scale"] = quantise_int8(t)
+    precisions = run.precisions if bits is None else dict.fromkeys(run.ranks, bits)
+    head_bits = run.head_bits if bits is None else bits
+    as_run = precisions == run.precisions and head_bits == run.head_bits  # what the run chose and budgeted
+    # 1. the payload: each tensor at its module's codec (or the head's)
+    payload, codecs = {}, {}
+    for key, bits_of_key in run.peft_bits(precisions, head_bits).items():
+        encoded, codecs[key] = bundle.encode_tensor(key, tensors[key], bits_of_key)
+        payload.update(encoded)
+    if not all(torch.isfinite(t).all() for t in payload.values() if t.is_floating_point()):
+        raise AirloraError("a value of the adapter overflows float16; export it at --bits 32 (or int8/int4, whose "
+                           "bf16 scales have fp32's range)")
 
-    # 2. the cloud model's logits on a fixed batch, for the edge to compare against
+    # 2. the cloud model as delivered (the payload decoded back), its logits on a fixed batch for the edge
     from airlora.data import load_splits
 
     data = _data_dict(run)
     splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
     sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
-    model, tokenizer = cloud_model(run)
+    model, tokenizer = cloud_model(run, run.run_tensors(bundle.decode_tensors(payload, codecs)))
     logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
     reference = {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
 
-    # 3. the files, the manifest last: a failure removes what was written
-    payload_file = PAYLOAD_FILES[bits]
+    # 3. the files, the manifest and the record last: a failure removes what was written
+    payload_file = bundle.payload_file(codecs)
+    written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
+               "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in {CONFIG_FILE, MANIFEST_FILE, *PAYLOAD_FILES.values()}:
+    for stale in written:
         (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
     try:
         tmp = out / f".{payload_file}.tmp"
-        save_file({**payload, **scales}, str(tmp), metadata={"format": "pt", "airlora_bits": str(bits)})
+        save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
         os.replace(tmp, out / payload_file)
-        run.peft_config().save_pretrained(str(out))
-        manifest = _manifest(run, out, bits, payload, scales, params, data, reference)
-        write_json_atomic(out / MANIFEST_FILE, manifest)
+        write_json_bytes(out / CONFIG_FILE, bundle.json_bytes(run.adapter_config()))
+        sums = {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
+        sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir)
+        write_json_bytes(out / MANIFEST_FILE, bundle.json_bytes(sent))
+        record = _record(run, out, payload_file, payload, precisions, head_bits, params, as_run, data, reference)
+        write_json_atomic(out / RECORD_FILE, record)
     except BaseException:
-        for name in (CONFIG_FILE, MANIFEST_FILE, payload_file, f".{payload_file}.tmp"):
+        for name in (*written, f".{payload_file}.tmp"):
             (out / name).unlink(missing_ok=True)
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
-    return manifest
+    return sent | record
 
 
-def _manifest(run: RunAdapter, out: Path, bits: int, payload: dict[str, torch.Tensor], scales: dict[str, torch.Tensor],
-              params: int, data: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """delivery.json for the files just written to ``out``; the byte accounting must add up exactly."""
-    payload_file = PAYLOAD_FILES[bits]
-    # tensor bytes = params × b / 8 exactly; everything else is overhead
-    payload_bytes = sum(t.numel() * t.element_size() for t in payload.values())
-    scale_bytes = sum(t.numel() * t.element_size() for t in scales.values())
-    header_bytes = safetensors_header_bytes(out / payload_file)
+def write_json_bytes(path: Path, data: bytes) -> None:
+    """A delivery JSON file with exactly the bytes that are counted on the air (written atomically)."""
+    write_text_atomic(path, data.decode("ascii"))
+
+
+def _record(run: RunAdapter, out: Path, payload_file: str, payload: dict[str, torch.Tensor],
+            precisions: dict[str, int], head_bits: int, params: int, as_run: bool, data: dict[str, Any],
+            reference: dict[str, Any]) -> dict[str, Any]:
+    """delivery_record.json for the files just written to ``out``; the byte accounting must add up exactly."""
+    from airlora.codecs import codec
+
+    tensor_bytes = sum(t.numel() * t.element_size() for t in payload.values())
+    scale_bytes = sum(t.numel() * t.element_size() for key, t in payload.items() if key.endswith(".scale"))
+    expected_bits = sum(codec(head_bits).tensor_bits(tuple(t.shape)) for t in run.head.values())
+    for key, rank in run.ranks.items():
+        if rank:  # lora_A is (r, d_in), lora_B (d_out, r)
+            d_in, d_out = run.tensors[f"{key}.lora_A"].shape[1], run.tensors[f"{key}.lora_B"].shape[0]
+            expected_bits += rank * codec(precisions[key]).unit_bits(d_in, d_out)
+    header = bundle.header_bytes_of(out / payload_file)
+    config, sent = ((out / name).read_bytes() for name in (CONFIG_FILE, MANIFEST_FILE))
     file_bytes = (out / payload_file).stat().st_size
-    config_bytes = (out / CONFIG_FILE).stat().st_size
-    if payload_bytes * 8 != params * bits or header_bytes + payload_bytes + scale_bytes != file_bytes:
-        raise AirloraError(f"export accounting does not add up ({payload_bytes} + {scale_bytes} + {header_bytes} "
-                           f"bytes vs a {file_bytes}-byte file for {params} params at {bits} bits); not delivered")
-    capacity = float(run.summary["capacity_bps"])
-    t_max_s = float(run.summary["t_max_s"])
-    accounted_bits = params * bits
-    overhead_bytes = header_bytes + scale_bytes + config_bytes
+    if tensor_bytes * 8 != expected_bits or len(header) + tensor_bytes != file_bytes:
+        raise AirloraError(f"export accounting does not add up ({tensor_bytes} tensor bytes vs {expected_bits} bits by "
+                           f"the codecs, {len(header)} header bytes, a {file_bytes}-byte file); not delivered")
+    overhead = bundle.overhead_on_air_bytes(header, config, sent)
+    reserved = run.summary.get("delivery_overhead_bytes")
+    if as_run and isinstance(reserved, int) and overhead > reserved:
+        raise AirloraError(f"the delivery's header, config and manifest take {overhead:,} bytes on the air, more than "
+                           f"the {reserved:,} the run reserved for them; not delivered (please report this)")
+    capacity, t_max_s = float(run.summary["capacity_bps"]), float(run.summary["t_max_s"])
+    on_air_bits = 8 * (tensor_bytes + overhead)
+    common = set(precisions[k] for k, r in run.ranks.items() if r) | {head_bits}
     return {
-        "format": "airlora-delivery/1",
+        "format": RECORD_FORMAT,
         "run_dir": str(run.run_dir),
-        "bits_per_param": bits,
-        "payload_file": payload_file,
-        "sha256": {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)},
-        "quantisation": ("int8 symmetric per tensor: s = max|x|/127 (fp32, key + '.scale'), q = round(x/s), x ≈ q·s"
-                         if bits == 8 else None),
+        "bits_per_param": common.pop() if len(common) == 1 else None,
+        "precisions_of_run": as_run,
+        "quantisation": {c.name: _CODEC_TEXT[c.name] for c in sorted({codec(b) for b in [*precisions.values(),
+                                                                                           head_bits]},
+                                                                      key=lambda c: c.bits)},
         "transmitted_params": params,
-        "payload_bytes": payload_bytes,
+        "payload_bytes": tensor_bytes - scale_bytes,
         "scale_bytes": scale_bytes,
-        "header_bytes": header_bytes,
-        "config_bytes": config_bytes,
-        "overhead_bytes": overhead_bytes,
+        "header_bytes": len(header),
+        "config_bytes": len(config),
+        "manifest_bytes": len(sent),
+        "overhead_raw_bytes": len(header) + len(config) + len(sent),
+        "overhead_bytes": overhead,
+        "reserved_overhead_bytes": reserved if as_run else None,
         "file_bytes": file_bytes,
-        "accounted_bits": accounted_bits,
+        "on_air_bits": on_air_bits,
         "snr_db": run.summary["snr_db"],
         "capacity_bps": capacity,
         "t_max_s": t_max_s,
-        "airtime_s": accounted_bits / capacity,
-        "airtime_with_overhead_s": (accounted_bits + 8 * overhead_bytes) / capacity,
-        "fits_t_max": accounted_bits / capacity <= t_max_s,
-        "ranks": run.ranks,
-        "model_dir": run.model_dir,
+        "airtime_s": on_air_bits / capacity,
+        "fits_t_max": on_air_bits / capacity <= t_max_s,
         "cloud_test_accuracy": run.summary["test_accuracy"],
+        "cloud_test_accuracy_is_of_this_delivery": as_run,
         "data": data,
         "seed": run.config.train.seed,
         "reference": reference,
     }
 
 
+_CODEC_TEXT = {
+    "fp32": "float32, as trained",
+    "fp16": "float16 cast (λ too)",
+    "int8": "symmetric int8 per group of 64 values of each triplet's P column and Q row, one bf16 scale per group "
+            "(rounded up: s ≥ max|x|/127), x ≈ q·s; λ fp32",
+    "int4": "symmetric int4 in [−7, 7], two per byte (low nibble first, stored q + 8), per group of 64 values, one "
+            "bf16 scale per group (s ≥ max|x|/7); λ fp32",
+}
+
+
 def copy_for_peft(adir: Path, target: Path, tensors: dict[str, torch.Tensor]) -> None:
     """A PEFT-loadable folder: ``tensors`` as adapter_model.safetensors beside a copy of the adapter config."""
     target.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target / PAYLOAD_FILES[32]), metadata={"format": "pt"})
+    save_file(tensors, str(target / PEFT_PAYLOAD), metadata={"format": "pt"})
     shutil.copyfile(adir / CONFIG_FILE, target / CONFIG_FILE)

@@ -170,9 +170,12 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
     restore(session, result.best)
     deliveries = per_snr_deliveries(session, result) if config.train.deliver_every_snr else None
     session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
-    write_adapter(session, out / "adapter.safetensors")
+    precisions = delivered_precisions(session, result)
+    write_adapter(session, out / "adapter.safetensors", precisions)
     extras = session.allocator.save(out)
-    summary = summarise(session, result, evaluate(session, session.test_batches), time.perf_counter() - started)
+    with session.as_delivered(result.best.ranks, precisions):  # the accuracy the edge gets, after the codecs
+        test_accuracy = evaluate(session, session.test_batches)
+    summary = summarise(session, result, test_accuracy, time.perf_counter() - started)
     summary.update(extras)
     if deliveries is not None:
         summary["deliveries"] = deliveries
@@ -181,11 +184,18 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
     return summary
 
 
-def write_adapter(session: Session, path: Path) -> None:
-    """The delivered adapter (active triplets and task head, fp32) with what is needed to rebuild it.
+def delivered_precisions(session: Session, result: TrainResult) -> dict[str, int]:
+    """The precision of every module in the delivery decision (the highest allowed where the checkpoint has none)."""
+    return result.best.precisions or dict.fromkeys(result.best.ranks, session.head_bits)
+
+
+def write_adapter(session: Session, path: Path, precisions: dict[str, int] | None = None) -> None:
+    """The delivered adapter (active triplets and task head, fp32, before any codec) with what is needed to rebuild
+    and send it.
 
     Tensors: ``{key}.lora_A`` (r, d_in) = Q_a, ``{key}.lora_B`` (d_out, r) = P_a, ``{key}.lora_E`` (r, 1) = λ_a,
-    and ``head.{name}``. Metadata (strings): ranks, module names, scaling, r_max, model folder.
+    and ``head.{name}``. Metadata (strings): ranks, precisions (bits per module, the codecs ``airlora export`` sends
+    them at) and head_bits, module names, scaling, r_max, model folder.
     """
     tensors = {k: t.cpu() for k, t in session.adapters.active_tensors().items()}
     tensors.update({f"head.{name}": p.detach().cpu().contiguous() for name, p in session.head.items()})
@@ -193,6 +203,8 @@ def write_adapter(session: Session, path: Path) -> None:
     metadata = {
         "format": "airlora-svd-adapter/1",
         "ranks": json.dumps(session.adapters.ranks()),
+        "precisions": json.dumps(precisions or dict.fromkeys(session.adapters.ranks(), session.head_bits)),
+        "head_bits": str(session.head_bits),
         "module_names": json.dumps(session.module_map.names),
         "scaling": repr(first.scaling),
         "r_max": str(session.adapters.r_max),
@@ -222,8 +234,11 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
     """summary.json: accuracy, the delivered adapter's ranks and size, and its airtime on its channel."""
     cfg, best = session.config, result.best
     ranks = session.adapters.ranks()  # the restored best checkpoint: what is delivered
+    precisions = delivered_precisions(session, result)
     budget = session.budget(best.snr_db)
     params = budget.params(ranks)
+    on_air_bits = budget.bits(ranks, precisions)
+    common = {precisions[k] for k, r in ranks.items() if r} | {session.head_bits}
     train_labels = session.splits.train.labels
     majority = Counter(train_labels.tolist()).most_common(1)[0][0]
     rows = result.rows
@@ -243,22 +258,28 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "stopped_early": result.stopped_early,
         "ranks": ranks,
         "final_step_ranks": result.final_ranks,
+        "final_step_precisions": result.final_precisions,
         "r_max": cfg.adapter.r_max,
         "transmitted_params": params,
         "transmitted_params_paper_formula": session.paper_params(ranks),
         "adapter_params": params - session.head_params,
         "head_params": session.head_params,
-        "bits_per_param": cfg.channel.bits_per_param,
-        "transmitted_bits": budget.bits(ranks),
+        "precisions": precisions,
+        "allowed_bits": list(cfg.channel.bits),
+        "head_bits": session.head_bits,
+        "bits_per_param": common.pop() if len(common) == 1 else None,
+        "transmitted_bits": on_air_bits - 8 * session.overhead_bytes,
+        "delivery_overhead_bytes": session.overhead_bytes,
+        "on_air_bits": on_air_bits,
         "snr_db": best.snr_db,
         "fading": cfg.channel.fading,
         "bandwidth_hz": session.bandwidth_hz,
         "bandwidth_is_scale_matched": session.bandwidth_is_scale_matched,
         "capacity_bps": budget.capacity_bps,
-        "airtime_s": budget.airtime_s(ranks),
+        "airtime_s": budget.airtime_s(ranks, precisions),
         "t_max_s": cfg.channel.t_max_s,
-        "eta": budget.eta(ranks),
-        "budget_ok": budget.feasible(ranks),
+        "eta": budget.eta(ranks, precisions),
+        "budget_ok": budget.feasible(ranks, precisions),
         "steps_over_budget": sum(not r["budget_ok"] for r in rows),
         "steps_where_nothing_fits": result.nothing_fits_steps,
         "reward_lambda": cfg.train.reward_lambda,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from torch import nn
 from airlora.adapters import AdapterSet
 from airlora.allocators import Allocator, make_allocator
 from airlora.batching import Batch, TrainBatches, eval_batches
+from airlora.bundle import overhead_bound_bytes
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
+from airlora.codecs import codec
 from airlora.config import RunConfig
 from airlora.data import Splits, load_splits
 from airlora.dropout import use_fast_dropout
@@ -61,26 +64,56 @@ class Session:
     allocator: Allocator
     device: torch.device
     _budgets: dict[float, Budget] = field(default_factory=dict, repr=False)
+    _overhead_bytes: int | None = field(default=None, repr=False)
 
     @property
     def head_params(self) -> int:
         """Parameters of the task head, delivered in full with the adapter."""
         return count_parameters(self.head)
 
+    @property
+    def head_bits(self) -> int:
+        """The task head's precision: the highest allowed (``channel.bits``)."""
+        return self.config.channel.bits_per_param
+
+    @property
+    def head_on_air_bits(self) -> int:
+        """Bits of the task head at its codec (exact)."""
+        c = codec(self.head_bits)
+        return sum(c.tensor_bits(tuple(p.shape)) for p in self.head.values())
+
+    @property
+    def overhead_bytes(self) -> int:
+        """The bytes reserved for the delivery's header, config and manifest (``bundle.overhead_bound_bytes``)."""
+        if self._overhead_bytes is None:
+            cfg = self.config
+            self._overhead_bytes = overhead_bound_bytes(
+                self.module_map.names, self.module_map.shapes, {n: tuple(p.shape) for n, p in self.head.items()},
+                cfg.channel.bits, cfg.adapter.r_max, cfg.adapter.alpha / cfg.adapter.r_max, str(self.model_dir),
+                cfg.train.steps)
+        return self._overhead_bytes
+
     def budget(self, snr_db: float) -> Budget:
-        """The airtime budget at ``snr_db`` (head parameters reserved first); built once per SNR value."""
+        """The airtime budget at ``snr_db``: every module's bits per codec, the head and the overhead reserved first;
+        built once per SNR value."""
         if snr_db in self._budgets:
             return self._budgets[snr_db]
         ch = self.config.channel
-        budget = self._budgets[snr_db] = Budget.for_model(
+        budget = self._budgets[snr_db] = Budget.for_delivery(
             self.module_map.shapes,
             r_max=self.config.adapter.r_max,
-            bits_per_param=ch.bits_per_param,
+            allowed_bits=ch.bits,
             capacity_bps=capacity_bps(snr_db, ch, self.bandwidth_hz),
             t_max_s=ch.t_max_s,
             reserved_params=self.head_params,
+            reserved_bits=self.head_on_air_bits + 8 * self.overhead_bytes,
         )
         return budget
+
+    def as_delivered(self, ranks: dict[str, int], precisions: dict[str, int] | None) -> AbstractContextManager[None]:
+        """Context in which the model is what the edge gets at these ranks and precisions (``AdapterSet.as_delivered``,
+        the head at its codec too)."""
+        return self.adapters.as_delivered(ranks, precisions, self.head, self.head_bits)
 
     def autocast(self) -> torch.autocast:
         """The context of every forward pass: bf16 autocast when ``train.autocast`` asks for it, else a no-op."""

@@ -21,7 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from airlora.adapters import forget_momentum
-from airlora.allocators import AllocationContext, StepOutcome
+from airlora.allocators import AllocationContext, StepOutcome, split_decision
 from airlora.batching import Batch
 from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng_state
 from airlora.errors import AirloraError
@@ -29,7 +29,8 @@ from airlora.io import write_csv_atomic
 from airlora.session import Session
 
 METRIC_COLUMNS = [
-    "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "airtime_s",
+    "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "transmitted_bits",
+    "airtime_s",
     "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "apply_s",
     "update_s", "rss_mb",
 ]
@@ -51,6 +52,8 @@ class Checkpoint:
     head_state: dict[str, torch.Tensor]
     ranks: dict[str, int]
     """The delivery decision, projected onto the delivery channel's budget."""
+    precisions: dict[str, int] | None = None
+    """Its precisions (None: every module at the highest allowed, as in checkpoints from before the codecs)."""
 
 
 @dataclass
@@ -69,6 +72,8 @@ class TrainResult:
     """Seconds in the training loop, over every process of a resumed run."""
     resumed_from_step: int | None
     """The checkpoint step this process continued from, or None."""
+    final_precisions: dict[str, int] | None = None
+    """The precisions applied at the last step."""
 
 
 def evaluate(session: Session, batches: list[Batch]) -> float:
@@ -139,9 +144,12 @@ class FineTuner:
         )
         self.scheduler = LambdaLR(self.optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.steps))
 
-    def apply(self, ranks: dict[str, int]) -> None:
-        """Deploy a feasible rank mapping; cut triplets keep their values."""
+    def apply(self, ranks: dict[str, int], precisions: dict[str, int] | None = None) -> None:
+        """Deploy a feasible rank mapping (cut triplets keep their values) and, with ``train.quantization_aware``,
+        the precisions the training forward fake-quantises at."""
         forget_momentum(self.optimizer, self.session.adapters.set_ranks(ranks))
+        if self.session.config.train.quantization_aware:
+            self.session.adapters.set_training_precisions(precisions)
 
     def step(self, batch: Batch) -> float:
         """Forward, backward and optimiser step on one batch; gradients stay until ``zero_grad``."""
@@ -178,6 +186,8 @@ class LoopState:
     elapsed_s: float = 0.0
     """Training-loop seconds of earlier processes of this run (resumed runs)."""
     resumed_from_step: int | None = None
+    precisions: dict[str, int] | None = None
+    """The precisions applied at the last step run (None: the highest allowed)."""
 
 
 def train(session: Session, out: Path | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
@@ -195,7 +205,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         loop = restore_loop(session, tuner, resume)
     started = time.perf_counter()
     stopped_early = False
-    ranks = adapters.ranks()
+    ranks, precisions = adapters.ranks(), loop.precisions
     bar = tqdm(range(loop.step, cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
                dynamic_ncols=True, initial=loop.step, total=cfg.train.steps)
     for step in bar:
@@ -205,14 +215,14 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         batch = session.train_batches.batch(step)
         loop.nothing_fits_steps += budget.nothing_fits()
 
-        # 2. ranks: the allocator's decision, then projected onto the budget and applied to the adapters
+        # 2. ranks and precisions: the allocator's decision, projected onto the budget and applied to the adapters
         t0 = time.perf_counter()
-        proposed = ranks
+        proposed = ranks, precisions
         if step % cfg.train.allocate_every == 0:
-            proposed = allocator.allocate(context(session, step, ranks, batch))
+            proposed = split_decision(allocator.allocate(context(session, step, ranks, batch, precisions)))
         decision_s = time.perf_counter() - t0
-        ranks = budget.project(proposed)  # never train on, or deliver, ranks that break this step's budget
-        tuner.apply(ranks)
+        ranks, precisions = budget.project_joint(*proposed)  # never train on, or deliver, what breaks this budget
+        tuner.apply(ranks, precisions)
         apply_s = time.perf_counter() - t0 - decision_s
 
         # 3. one training step; the allocator sees it before the gradients are dropped
@@ -231,9 +241,9 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             raise AirloraError(f"{err} at step {step}; the run stopped. Continue it from {since} with a lower lr: "
                                f"airlora run --out {out} --resume --set train.lr=<lower>") from None
         step_s = time.perf_counter() - t1
-        eta = budget.eta(ranks)
+        eta = budget.eta(ranks, precisions)
         reward = -task_loss - cfg.train.reward_lambda * eta
-        allocator.observe(StepOutcome(step, task_loss, reward, eta, ranks, session.model))  # the allocator learns
+        allocator.observe(StepOutcome(step, task_loss, reward, eta, ranks, session.model, precisions))  # it learns
         tuner.zero_grad()
         update_s = time.perf_counter() - t1 - step_s
         loop.rewards_since_eval.append(reward)
@@ -241,19 +251,20 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         row = {
             "step": step, "loss": task_loss, "reward": reward, "eta": eta, "snr_db": snr_db,
             "capacity_bps": budget.capacity_bps, "total_rank": sum(ranks.values()),
-            "transmitted_params": budget.params(ranks), "airtime_s": budget.airtime_s(ranks),
+            "transmitted_params": budget.params(ranks), "transmitted_bits": budget.bits(ranks, precisions),
+            "airtime_s": budget.airtime_s(ranks, precisions),
             "lexical_entropy": batch.lexical_entropy, "oov_rate": batch.oov_rate,
-            "budget_ok": budget.feasible(ranks), "val_accuracy": "", "step_s": step_s, "decision_s": decision_s,
-            "apply_s": apply_s, "update_s": update_s, "rss_mb": rss_mb(),
+            "budget_ok": budget.feasible(ranks, precisions), "val_accuracy": "", "step_s": step_s,
+            "decision_s": decision_s, "apply_s": apply_s, "update_s": update_s, "rss_mb": rss_mb(),
         }
 
-        # 4. evaluation at the ranks it would be delivered with, best checkpoint, the paper's early-stop rule
+        # 4. evaluation as it would be delivered (ranks, codecs), best checkpoint, the paper's early-stop rule
         last = step == cfg.train.steps - 1
         if (step + 1) % cfg.train.eval_every == 0 or last:
             t2 = time.perf_counter()
             delivery_snr = delivery_snr_db(session)
-            delivered = delivery_ranks(session, delivery_snr, step + 1, ranks, loop.rows + [row])
-            with adapters.ranks_for_evaluation(delivered):
+            delivered = delivery_decision(session, delivery_snr, step + 1, ranks, loop.rows + [row], precisions)
+            with session.as_delivered(*delivered):
                 val_acc = evaluate(session, session.val_batches)
             loop.eval_s += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
@@ -261,7 +272,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             candidate = step >= allocator.first_deliverable_step or last
             if candidate and (loop.best is None or val_acc > loop.best.val_accuracy):
                 loop.best = Checkpoint(step, val_acc, delivery_snr, adapters.state(),
-                                       {k: p.detach().clone() for k, p in session.head.items()}, delivered)
+                                       {k: p.detach().clone() for k, p in session.head.items()}, *delivered)
                 loop.evals_without_gain = 0
             elif candidate:
                 loop.evals_without_gain += 1
@@ -270,7 +281,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             if converged and loop.evals_without_gain >= cfg.train.patience and not last:
                 stopped_early = True
         loop.rows.append(row)
-        loop.step = step + 1
+        loop.step, loop.precisions = step + 1, precisions
         best = loop.best
         bar.set_postfix(loss=f"{task_loss:.3f}", val=f"{best.val_accuracy:.3f}" if best else "-",
                         rank=f"{sum(ranks.values()) / len(ranks):.1f}", air=f"{row['airtime_s']:.2f}s",
@@ -284,7 +295,8 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     bar.close()
     assert loop.best is not None  # the last step always evaluates
     return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
-                       loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step)
+                       loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step,
+                       loop.precisions)
 
 
 def delivery_snr_db(session: Session) -> float:
@@ -296,27 +308,35 @@ def delivery_snr_db(session: Session) -> float:
     return values[(len(values) - 1) // 2]
 
 
-def delivery_ranks(session: Session, snr_db: float, step: int, ranks: dict[str, int],
-                   rows: list[dict[str, Any]]) -> dict[str, int]:
-    """The allocator's evaluation-mode decision for a delivery at ``snr_db``, projected onto that budget.
+def delivery_decision(session: Session, snr_db: float, step: int, ranks: dict[str, int], rows: list[dict[str, Any]],
+                      precisions: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """The allocator's evaluation-mode decision for a delivery at ``snr_db``, projected onto that budget: (ranks,
+    precisions).
 
-    Its state: the ranks now, the mean lexical entropy and OOV rate of the batches trained so far (the data the
-    adapter learned from, rather than one batch's), the progress after ``step`` steps.
+    Its state: the ranks and precisions now, the mean lexical entropy and OOV rate of the batches trained so far (the
+    data the adapter learned from, rather than one batch's), the progress after ``step`` steps.
     """
     budget = session.budget(snr_db)
     entropy = float(np.mean([r["lexical_entropy"] for r in rows])) if rows else 0.0
     oov = float(np.mean([r["oov_rate"] for r in rows])) if rows else 0.0
     ctx = AllocationContext(step, snr_db, budget, entropy, oov, ranks, session.bandwidth_hz,
-                            min(step / session.config.train.steps, 1.0))
-    return budget.project(session.allocator.deliver(ctx))
+                            min(step / session.config.train.steps, 1.0), precisions)
+    return budget.project_joint(*split_decision(session.allocator.deliver(ctx)))
 
 
-def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | None = None) -> AllocationContext:
+def delivery_ranks(session: Session, snr_db: float, step: int, ranks: dict[str, int],
+                   rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The ranks of ``delivery_decision``."""
+    return delivery_decision(session, snr_db, step, ranks, rows)[0]
+
+
+def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | None = None,
+            precisions: dict[str, int] | None = None) -> AllocationContext:
     """What the allocator sees before ``step`` (``batch``: that step's training batch, when already built)."""
     snr_db = session.snr.snr_db(step)
     batch = session.train_batches.batch(step) if batch is None else batch
     return AllocationContext(step, snr_db, session.budget(snr_db), batch.lexical_entropy, batch.oov_rate, ranks,
-                             session.bandwidth_hz, step / session.config.train.steps)
+                             session.bandwidth_hz, step / session.config.train.steps, precisions)
 
 
 def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float) -> dict[str, Any]:
@@ -328,10 +348,12 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "rows": loop.rows,
         "best": None if best is None else {"step": best.step, "val_accuracy": best.val_accuracy,
                                            "snr_db": best.snr_db, "adapter_state": best.adapter_state,
-                                           "head_state": best.head_state, "ranks": best.ranks},
+                                           "head_state": best.head_state, "ranks": best.ranks,
+                                           "precisions": best.precisions},
         "evals_without_gain": loop.evals_without_gain,
         "rewards_since_eval": loop.rewards_since_eval,
         "nothing_fits_steps": loop.nothing_fits_steps,
+        "precisions": loop.precisions,
         "eval_s": loop.eval_s,
         "elapsed_s": loop.elapsed_s + time.perf_counter() - started,
         "adapters": session.adapters.state(),
@@ -361,10 +383,11 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
     return LoopState(
         step=step, rows=state["rows"],
         best=None if best is None else Checkpoint(best["step"], best["val_accuracy"], best["snr_db"],
-                                                  best["adapter_state"], best["head_state"], best["ranks"]),
+                                                  best["adapter_state"], best["head_state"], best["ranks"],
+                                                  best.get("precisions")),
         evals_without_gain=state["evals_without_gain"], rewards_since_eval=state["rewards_since_eval"],
         nothing_fits_steps=state["nothing_fits_steps"], eval_s=state["eval_s"], elapsed_s=state["elapsed_s"],
-        resumed_from_step=step,
+        resumed_from_step=step, precisions=state.get("precisions"),
     )
 
 

@@ -2,7 +2,9 @@
 
 Nothing here goes through airlora's adapters, exporter or edge: the base model is loaded with transformers, each
 module's weight gets W + scaling·P·diag(λ)·Q from adapter.safetensors, the head is copied in, and the quantisation
-of an export is redone from its definition (int8: s = max|x|/127, x ≈ round(x/s)·s; fp16: a cast).
+of an export is redone from its definition, in numpy: fp16 a cast; int8/int4 per group of 64 values of each
+triplet's Q row and P column (a head tensor: of each row), s = the smallest bfloat16 ≥ max|x|/q_max (q_max 127 or
+7), x ≈ round(x/s)·s; λ stays fp32 under an integer codec.
 """
 
 from __future__ import annotations
@@ -10,20 +12,46 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
-def quantised(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x`` as the edge sees it after an export at ``bits``."""
+def bf16_at_least(v: np.ndarray) -> np.ndarray:
+    """The smallest bfloat16 ≥ v (v ≥ 0, float32): keep the upper 16 bits of the float32, one step up if any lower
+    bit was set."""
+    bits = v.astype(np.float32).view(np.uint32)
+    upper = (bits >> 16) + ((bits & 0xFFFF) != 0)
+    return (upper << 16).astype(np.uint32).view(np.float32)
+
+
+def quantised_rows(x: np.ndarray, bits: int) -> np.ndarray:
+    """Rows of ``x`` (n, d) through the integer codec, group by group."""
+    q_max = 2 ** (bits - 1) - 1
+    out = np.empty_like(x, dtype=np.float32)
+    for i, row in enumerate(x.astype(np.float32)):
+        for start in range(0, row.size, 64):
+            group = row[start:start + 64]
+            s = bf16_at_least(np.float32(np.abs(group).max() / np.float32(q_max)))
+            out[i, start:start + 64] = 0.0 if s == 0 else np.round(group / s).clip(-q_max, q_max) * s
+    return out
+
+
+def quantised(x: torch.Tensor, bits: int, part: str | None = None) -> torch.Tensor:
+    """``x`` as the edge sees it after an export at ``bits``; ``part``: lora_A, lora_B, lora_E, or None (a head
+    tensor)."""
     if bits == 32:
         return x
     if bits == 16:
         return x.half().float()
-    scale = torch.tensor(float(x.abs().max()) / 127.0, dtype=torch.float32)  # the scale as stored, in fp32
-    return x if scale == 0 else torch.clamp(torch.round(x / scale), -127, 127) * scale
+    if part == "lora_E":
+        return x
+    if part == "lora_B":  # grouped along each column (one triplet's P column)
+        return torch.from_numpy(quantised_rows(x.numpy().T, bits).T.copy())
+    rows = x.numpy().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.numpy().reshape(1, -1)
+    return torch.from_numpy(quantised_rows(rows, bits).reshape(x.shape))
 
 
 def run_adapter(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -39,23 +67,27 @@ def tokenizer_of(model_dir: Path):
     return tokenizer
 
 
-def merged_model(run_dir: Path, bits: int = 32, adapter: bool = True) -> torch.nn.Module:
-    """The base model of ``run_dir`` with its delivered adapter merged into the weights and its head (at ``bits``)."""
+def merged_model(run_dir: Path, bits: int | dict[str, int] = 32, adapter: bool = True,
+                 head_bits: int | None = None) -> torch.nn.Module:
+    """The base model of ``run_dir`` with its delivered adapter merged into the weights and its head, each module at
+    ``bits`` (one for all, or per rank key) and the head at ``head_bits`` (default: ``bits`` if one, else 32)."""
     tensors, meta = run_adapter(run_dir)
     model_dir = Path(meta["model_dir"])
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer_of(model_dir).pad_token_id
     scaling, names = float(meta["scaling"]), json.loads(meta["module_names"])
+    head_bits = head_bits if head_bits is not None else bits if isinstance(bits, int) else 32
     with torch.no_grad():
         for key, rank in json.loads(meta["ranks"]).items():
             if rank and adapter:
-                q, p, lam = (quantised(tensors[f"{key}.{part}"], bits) for part in ("lora_A", "lora_B", "lora_E"))
+                b = bits if isinstance(bits, int) else bits[key]
+                q, p, lam = (quantised(tensors[f"{key}.{part}"], b, part) for part in ("lora_A", "lora_B", "lora_E"))
                 model.get_submodule(names[key]).weight += scaling * p @ (lam * q)  # (d_out, r) @ (r, d_in)
         params = dict(model.named_parameters())
         for key, value in tensors.items():
             if key.startswith("head."):
-                params[key.removeprefix("head.")].copy_(quantised(value, bits))
+                params[key.removeprefix("head.")].copy_(quantised(value, head_bits))
     return model
 
 
@@ -67,8 +99,10 @@ def logits(model: torch.nn.Module, model_dir: Path, sentences: list[str], max_le
         return model(**inputs).logits.float()
 
 
-def with_ranks(run_dir: Path, ranks: dict[str, int], seed: int = 0) -> None:
-    """Rewrite a run's adapter: the given ranks, large random triplets and head, so the adapter moves the logits."""
+def with_ranks(run_dir: Path, ranks: dict[str, int], seed: int = 0, precisions: dict[str, int] | None = None,
+               head_bits: int = 32) -> None:
+    """Rewrite a run's adapter: the given ranks (and precisions the run chose), large random triplets and head, so the
+    adapter moves the logits."""
     tensors, meta = run_adapter(run_dir)
     names = json.loads(meta["module_names"])
     base = AutoModelForSequenceClassification.from_pretrained(meta["model_dir"], num_labels=2)
@@ -80,7 +114,8 @@ def with_ranks(run_dir: Path, ranks: dict[str, int], seed: int = 0) -> None:
             new[f"{key}.lora_A"] = torch.randn(rank, d_in, generator=g) / d_in ** 0.5
             new[f"{key}.lora_B"] = torch.randn(d_out, rank, generator=g) / rank ** 0.5
             new[f"{key}.lora_E"] = 2 * torch.randn(rank, 1, generator=g)
-    save_file(new, str(run_dir / "adapter.safetensors"), metadata=dict(meta, ranks=json.dumps(ranks)))
+    extra = {} if precisions is None else {"precisions": json.dumps(precisions), "head_bits": str(head_bits)}
+    save_file(new, str(run_dir / "adapter.safetensors"), metadata=dict(meta, ranks=json.dumps(ranks), **extra))
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["transmitted_params"] = sum(t.numel() for t in new.values())
     (run_dir / "summary.json").write_text(json.dumps(summary))

@@ -142,7 +142,15 @@ def test_unreadable_config_and_data_files(tmp_path, monkeypatch):
     (["channel", "--bandwidth-hz", "0"], "channel.bandwidth_hz = 0.0 is not allowed; expected a positive number of Hz"),
     (["channel", "--bandwidth-hz", "nan"], "channel.bandwidth_hz = nan is not allowed"),
     (["channel", "--r-max", "0"], r"adapter.r_max = 0 is not allowed; expected an integer in \[1, 4096\]"),
-    (["channel", "--bits", "0"], r"channel.bits_per_param = 0 is not allowed; expected an integer in \[1, 64\]"),
+    (["channel", "--bits", "0"], r"channel.bits = \[0\] is not allowed; expected a non-empty list of values from 4, "
+                                 "8, 16, 32 \\(the precisions airlora export delivers\\)"),
+    (["run", "--out", "{tmp}/o", "--bits", "3"], r"channel.bits = \[3\] is not allowed; expected a non-empty list "
+                                                 "of values from 4, 8, 16, 32"),
+    (["run", "--out", "{tmp}/o", "--bits", "4,8,12"], r"channel.bits = \[4, 8, 12\] is not allowed"),
+    (["run", "--out", "{tmp}/o", "--bits", "8bit"], "--bits '8bit': expected a number of bits or a comma-separated "
+                                                    "list, e.g. --bits 8 or --bits 4,8,16,32"),
+    (["run", "--out", "{tmp}/o", "--set", "channel.bits_per_param=3"], r"channel.bits_per_param = 3 is not allowed; "
+     r"expected one of 4, 8, 16, 32 \(bits_per_param is the old name of channel.bits, a list of those\)"),
     (["run", "--out", "{tmp}/o", "--lambda", "-1"], "train.reward_lambda = -1.0 is not allowed; expected a number >="),
     (["run", "--out", "{tmp}/o", "--seed", "-1"], r"train.seed = -1 is not allowed; expected an integer in \[0, 2"),
     (["run", "--out", "{tmp}/o", "--resume", "--overwrite"], "--resume continues the run .* choose one"),
@@ -165,7 +173,7 @@ def test_bad_flag_values(tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["run", "--out", "o", "--steps", "x"], "airlora run: error: argument --steps: invalid int value: 'x'"),
-    (["export", "r", "--out", "o", "--bits", "12"], "argument --bits: invalid choice: 12 (choose from 32, 16, 8)"),
+    (["export", "r", "--out", "o", "--bits", "12"], "argument --bits: invalid choice: 12 (choose from 32, 16, 8, 4)"),
     (["channel", "--steps", "3"], "airlora: error: unrecognized arguments: --steps 3"),
     (["run", "--steps", "3"], "the following arguments are required: --out"),
 ])
@@ -304,6 +312,18 @@ def rewrite_adapter(run_dir, ranks=None, drop=None):
     save_file(tensors, str(path), metadata=metadata)
 
 
+def test_export_rejects_a_precision_no_codec_delivers_in_a_run(run_copy, tmp_path, capsys):
+    path = run_copy / "adapter.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    metadata["precisions"] = json.dumps(dict.fromkeys(json.loads(metadata["precisions"]), 3))
+    save_file(tensors, str(path), metadata=metadata)
+    err = fails(capsys, "export", run_copy, "--out", tmp_path / "adir")
+    assert "metadata: precisions or head_bits are not a precision per module from 4, 8, 16, 32; the file was changed " \
+           "after the run" in err
+    assert not (tmp_path / "adir").exists()
+
+
 def test_export_rejects_ranks_above_r_max_in_a_run(run_copy, tmp_path, capsys):
     rewrite_adapter(run_copy, ranks={"layers.0.q": 9})
     err = fails(capsys, "export", run_copy, "--out", tmp_path / "adir")
@@ -399,7 +419,8 @@ def test_export_out_that_is_a_file(finished_run, tmp_path, capsys):
     ("truncate", "checksum mismatch for adapter_model.safetensors"),
     ("config", "checksum mismatch for adapter_config.json"),
     ("manifest", "is not a delivery folder (no readable delivery.json); expected the --out folder of `airlora export`"),
-    ("fields", "delivery.json' lacks a valid sha256, seed; the manifest was changed after export"),
+    ("fields", "delivery.json' lacks a valid sha256, precisions; the manifest was changed after export"),
+    ("record", "is not a delivery folder (no readable delivery_record.json); expected the --out folder of"),
     ("outside", "sha256 must list the payload file 'adapter_model.safetensors' and only plain file names"),
 ])
 def test_edge_rejects_a_damaged_delivery(delivery_copy, tiny_files, capsys, damage, message):
@@ -414,8 +435,10 @@ def test_edge_rejects_a_damaged_delivery(delivery_copy, tiny_files, capsys, dama
     elif damage == "manifest":
         manifest_path.write_text(manifest_path.read_text()[:-10])
     elif damage == "fields":
-        manifest["sha256"], manifest["seed"] = [], "42"
+        manifest["sha256"], manifest["precisions"] = [], "32"
         manifest_path.write_text(json.dumps(manifest))
+    elif damage == "record":
+        (delivery_copy / "delivery_record.json").unlink()
     else:
         manifest["sha256"]["../run/config.json"] = "0" * 64
         manifest_path.write_text(json.dumps(manifest))

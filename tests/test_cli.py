@@ -31,18 +31,18 @@ def test_run_writes_config_metrics_summary_within_budget(tiny_setup):
     root, model, data, config = tiny_setup
     out = root / "run"
     proc = _airlora("run", "--config", config, "--model", model, "--data", data, "--steps", 6, "--eval-every", 3,
-                    "--snr-db=-5,5", "--bandwidth-hz", 2e4, "--r-max", 4, "--quiet", "--out", out)
+                    "--snr-db=-5,5", "--bandwidth-hz", 5e4, "--r-max", 4, "--quiet", "--out", out)
     assert "test accuracy" in proc.stdout and "Delivered ranks" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     for key in ["allocator", "model", "dataset", "steps", "seed", "test_accuracy", "val_accuracy",
                 "majority_baseline_accuracy", "ranks", "transmitted_params", "transmitted_params_paper_formula",
-                "bits_per_param", "transmitted_bits", "snr_db", "bandwidth_hz", "capacity_bps", "airtime_s",
-                "t_max_s", "budget_ok", "wall_s"]:
+                "bits_per_param", "precisions", "transmitted_bits", "delivery_overhead_bytes", "on_air_bits", "snr_db",
+                "bandwidth_hz", "capacity_bps", "airtime_s", "t_max_s", "budget_ok", "wall_s"]:
         assert key in summary, key
     assert summary["budget_ok"] and summary["airtime_s"] <= summary["t_max_s"]
-    assert summary["steps"] == 6 and summary["bandwidth_hz"] == 2e4
+    assert summary["steps"] == 6 and summary["bandwidth_hz"] == 5e4
     assert set(summary["ranks"].values()) <= set(range(5))
-    # 20 kHz at these SNRs cannot carry rank 4 everywhere: the budget binds
+    # 50 kHz at these SNRs cannot carry rank 4 everywhere: the budget binds
     assert sum(summary["ranks"].values()) < 4 * len(summary["ranks"])
     assert summary["transmitted_bits"] == summary["transmitted_params"] * 32
     rows = list(csv.DictReader((out / "metrics.csv").open()))
@@ -50,7 +50,7 @@ def test_run_writes_config_metrics_summary_within_budget(tiny_setup):
     assert all(float(r["airtime_s"]) <= 1.0 for r in rows)
     assert {float(r["snr_db"]) for r in rows} <= {-5.0, 5.0}
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["channel"]["bandwidth_hz"] == 2e4 and resolved["resolved"]["dataset_sizes"]["test"] == 20
+    assert resolved["channel"]["bandwidth_hz"] == 5e4 and resolved["resolved"]["dataset_sizes"]["test"] == 20
 
 
 def test_finished_run_is_not_overwritten(tiny_setup, capsys):

@@ -87,3 +87,29 @@ def test_cuda_without_a_gpu_is_a_clear_error():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(AirloraError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_bits_is_a_sorted_set_of_codecs_and_bits_per_param_its_old_name(tmp_path):
+    assert RunConfig().channel.bits == (32,) and RunConfig().channel.bits_per_param == 32
+    config = merge(RunConfig(), {"channel.bits": [32, 4, 8, 4]})
+    assert config.channel.bits == (4, 8, 32) and config.channel.bits_per_param == 32
+    assert merge(RunConfig(), {"channel.bits": 8}).channel.bits == (8,)  # one value is a list of one
+    # an old config (or a run's config.json from before the codecs) still reads, as a list of one
+    path = tmp_path / "old.yaml"
+    path.write_text("channel:\n  bits_per_param: 16\n")
+    assert load_config(path).channel.bits == (16,)
+    assert "bits_per_param" not in RunConfig().to_dict()["channel"]  # written under its new name only
+    assert merge(RunConfig(), {"channel.bits_per_param": 8}).channel.bits == (8,)  # --set with the old name
+    with pytest.raises(AirloraError, match="channel.bits_per_param and channel.bits are both given"):
+        from_dict(RunConfig, {"channel": {"bits_per_param": 8, "bits": [8]}})
+    with pytest.raises(AirloraError, match=r"channel.bits_per_param = 3 is not allowed; expected one of 4, 8, 16, 32"):
+        from_dict(RunConfig, {"channel": {"bits_per_param": 3}})
+    with pytest.raises(AirloraError, match=r"channel.bits = \[3, 8\] is not allowed"):
+        ChannelConfig(bits=(3, 8))
+
+
+def test_codec_bits_are_the_codecs():
+    from airlora.codecs import CODECS
+    from airlora.config import CODEC_BITS
+
+    assert sorted(CODECS) == sorted(CODEC_BITS)

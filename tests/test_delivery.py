@@ -1,6 +1,8 @@
-"""Export to PEFT format and the edge's load: round trips at 32/16/8 bits, exact byte accounting, checksums."""
+"""Export to PEFT format and the edge's load: round trips at 32/16/8/4 bits and mixed, exact byte accounting,
+checksums."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -11,7 +13,7 @@ from airlora.config import load_config, merge
 from airlora.data import load_splits
 from airlora.edge import attach, edge_evaluate, verify_delivery
 from airlora.errors import AirloraError
-from airlora.export import RunAdapter, cloud_model, dequantise_int8, export_adapter, quantise_int8
+from airlora.export import RunAdapter, cloud_model, export_adapter
 from airlora.models import load_model
 from tests import reference
 
@@ -33,27 +35,41 @@ def finished_run(tmp_path_factory, tiny_files):
     return root
 
 
-@pytest.mark.parametrize("bits, tolerance", [(32, 1e-5), (16, 5e-3), (8, 5e-2)])
-def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bits, tolerance):
+def wire_bits(bits: int, d_in: int, d_out: int) -> int:
+    """Bits per unit rank from the wire format, written out: floats cast (λ too); integer codes with a bf16 scale per
+    64 values of each Q row and P column (int4 two per byte), λ in fp32."""
+    if bits in (32, 16):
+        return bits * (d_in + d_out + 1)
+    row = lambda d: 8 * math.ceil(d * bits / 8) + 16 * math.ceil(d / 64)  # noqa: E731
+    return row(d_in) + row(d_out) + 32
+
+
+MIXED = [32, 16, 8, 4]
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, "mixed"])
+def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bits):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run / "run", run_dir)
     keys = sorted(RunAdapter(run_dir).ranks)
     ranks = {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(keys)}
-    reference.with_ranks(run_dir, ranks)
-    manifest = export_adapter(run_dir, bits, tmp_path / "adir")
+    precisions = {key: MIXED[i % 4] if bits == "mixed" else bits for i, key in enumerate(keys)}
+    head_bits = 32 if bits == "mixed" else bits
+    reference.with_ranks(run_dir, ranks, precisions=precisions, head_bits=head_bits)
+    manifest = export_adapter(run_dir, None, tmp_path / "adir")  # the precisions the run chose
+    assert manifest["precisions"] == precisions and manifest["precisions_of_run"]
 
     run = RunAdapter(run_dir)
-    cloud, tokenizer = cloud_model(run)
     edge = attach(tmp_path / "adir", manifest, load_model(run.model_dir)[0].eval())
+    want_model = reference.merged_model(run_dir, precisions, head_bits=head_bits)  # quantised independently
+    tokenizer = reference.tokenizer_of(run.model_dir)
     inputs = tokenizer(["the film was great fun", "a dull bad movie", "very good"], padding=True, return_tensors="pt")
     with torch.inference_mode():
-        want, got = cloud(**inputs).logits, edge(**inputs).logits
-        plain = load_model(run.model_dir)[0].eval()
-        plain.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in run.head.items()})
-        head_only = plain(**inputs).logits
+        want, got = want_model(**inputs).logits, edge(**inputs).logits
+        head_only = reference.merged_model(run_dir, adapter=False)(**inputs).logits
     scale = want.abs().max()
     assert (want - head_only).abs().max() > 0.1 * scale  # the adapter matters, so agreement means something
-    assert (got - want).abs().max() < tolerance * scale
+    assert (got - want).abs().max() < 1e-5 * scale
     # PEFT's modules: rank 0 not wrapped at all, the others resized to exactly their rank
     for key, rank in ranks.items():
         module = edge.base_model.model.get_submodule(run.module_names[key])
@@ -61,21 +77,66 @@ def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bi
             assert not hasattr(module, "lora_A")
         else:
             assert module.lora_A["default"].shape[0] == rank == module.lora_E["default"].shape[0]
-    # exact accounting: the parameter tensors are params × b / 8 bytes; the rest of the file is overhead
-    params = run.summary["transmitted_params"]
-    assert manifest["transmitted_params"] == params
-    assert manifest["payload_bytes"] * 8 == params * bits
-    assert manifest["scale_bytes"] == (4 * (3 * sum(1 for r in ranks.values() if r) + 2) if bits == 8 else 0)
+    # exact accounting: the tensor bytes are the wire format's size, the rest of the file is its header
+    shapes = {key: (run.tensors[f"{key}.lora_A"].shape[1], run.tensors[f"{key}.lora_B"].shape[0])
+              for key, r in ranks.items() if r}
+    head = sum((t.numel() * head_bits if head_bits >= 16 else (t.shape[0] if t.dim() > 1 else 1) * (
+        8 * math.ceil(t.shape[-1] * head_bits / 8) + 16 * math.ceil(t.shape[-1] / 64))) for t in run.head.values())
+    expected = sum(ranks[k] * wire_bits(precisions[k], *shapes[k]) for k in shapes) + head
     payload = tmp_path / "adir" / manifest["payload_file"]
-    assert payload.stat().st_size == manifest["header_bytes"] + manifest["payload_bytes"] + manifest["scale_bytes"]
+    raw = payload.read_bytes()
+    header = 8 + int.from_bytes(raw[:8], "little")
+    assert (len(raw) - header) * 8 == expected == 8 * (manifest["payload_bytes"] + manifest["scale_bytes"])
+    assert manifest["transmitted_params"] == run.summary["transmitted_params"]
+    assert manifest["payload_file"] == ("adapter_model.safetensors" if bits in (32, 16)
+                                        else "adapter_model.quantised.safetensors")
     config = json.loads((tmp_path / "adir" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["init_r"] == 4
     assert len(config["target_modules"]) == sum(1 for r in ranks.values() if r)
 
 
+@pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match",  # AdaLoRA's masks, see edge.py
+                            "ignore:.*is_gradient_checkpointing.*is deprecated")
+def test_a_mixed_delivery_dequantised_loads_with_plain_peft_and_matches_the_cloud(finished_run, tmp_path):
+    """The device's whole job with nothing of airlora's but the dequantisation: PEFT loads it on a fresh base."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from airlora.bundle import decode_tensors
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run_dir)
+    keys = sorted(RunAdapter(run_dir).ranks)
+    ranks = {key: [3, 4, 1, 2][i % 4] for i, key in enumerate(keys)}
+    precisions = {key: [4, 8, 16, 32, 4, 8][i % 6] for i, key in enumerate(keys)}
+    reference.with_ranks(run_dir, ranks, precisions=precisions, head_bits=32)
+    manifest = export_adapter(run_dir, None, tmp_path / "adir")
+    payload = tmp_path / "adir" / manifest["payload_file"]
+    with safe_open(str(payload), "pt") as handle:
+        codecs = json.loads(handle.metadata()["airlora_codecs"])
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    save_file(decode_tensors(load_file(str(payload)), codecs), str(peft_dir / "adapter_model.safetensors"))
+    shutil.copyfile(tmp_path / "adir" / "adapter_config.json", peft_dir / "adapter_config.json")
+    run = RunAdapter(run_dir)
+    edge = PeftModel.from_pretrained(load_model(run.model_dir)[0].eval(), str(peft_dir)).eval()
+    cloud, tokenizer = cloud_model(run, run.run_tensors(decode_tensors(load_file(str(payload)), codecs)))
+    want_model = reference.merged_model(run_dir, precisions, head_bits=32)
+    sentences = ["the film was great fun", "a dull bad movie", "very good", "the movie was very awful"]
+    inputs = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        got, cloud_logits, want = edge(**inputs).logits, cloud(**inputs).logits, want_model(**inputs).logits
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 1e-5 * scale and (cloud_logits - want).abs().max() < 1e-5 * scale
+    fp32 = reference.merged_model(run_dir)
+    with torch.inference_mode():
+        assert (fp32(**inputs).logits - want).abs().max() > 1e-3 * scale  # int4 and int8 did change the logits
+
+
 def test_edge_matches_an_independently_merged_cloud_model(finished_run, tmp_path, tiny_files):
-    """A run's adapter merged by hand into a plain transformers model is the cloud model, and the edge's logits and
-    accuracy at 32 and 8 bits are that model's (8 bits: quantised by hand)."""
+    """A run's adapter merged by hand into a plain transformers model is the cloud model; the edge's logits and
+    accuracy at 32, 8 and 4 bits (post-hoc) and mixed (as the run chose) are that model's, quantised by hand."""
     run_dir, base = finished_run / "run", tiny_files[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(set(summary["ranks"].values())) >= 3  # the random allocator delivered heterogeneous ranks
@@ -89,39 +150,32 @@ def test_edge_matches_an_independently_merged_cloud_model(finished_run, tmp_path
     # 6 steps leave the tiny model's logits almost the same for every sentence; large triplets make them differ
     shutil.copytree(run_dir, tmp_path / "run")
     run_dir = tmp_path / "run"
-    reference.with_ranks(run_dir, {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(sorted(summary["ranks"]))})
-    want = {bits: reference.logits(reference.merged_model(run_dir, bits), base, test.sentences) for bits in (32, 8)}
+    keys = sorted(summary["ranks"])
+    mixed = {key: MIXED[i % 4] for i, key in enumerate(keys)}
+    reference.with_ranks(run_dir, {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(keys)}, precisions=mixed)
+    want = {bits: reference.logits(reference.merged_model(run_dir, bits), base, test.sentences) for bits in (32, 8, 4)}
+    want["mixed"] = reference.logits(reference.merged_model(run_dir, mixed, head_bits=32), base, test.sentences)
     head_only = reference.logits(reference.merged_model(run_dir, adapter=False), base, test.sentences)
     assert (want[32] - head_only).abs().max() > 0.1 * want[32].abs().max()  # the adapter moves the logits
     assert len({tuple(row) for row in want[32].tolist()}) == len(set(test.sentences))  # one per distinct sentence
-    for bits in (32, 8):
-        manifest = export_adapter(run_dir, bits, tmp_path / f"a{bits}")
+    for bits in (32, 8, 4, "mixed"):
+        manifest = export_adapter(run_dir, None if bits == "mixed" else bits, tmp_path / f"a{bits}")
         ref = manifest["reference"]
         n = len(ref["sentences"])
         assert ref["sentences"] == test.sentences[:n]
-        assert torch.allclose(torch.tensor(ref["logits"]), want[32][:n], atol=1e-4)
+        assert torch.allclose(torch.tensor(ref["logits"]), want[bits][:n], atol=1e-4)  # the cloud as delivered
         result = edge_evaluate(tmp_path / f"a{bits}", str(base))
-        expected_diff = float((want[bits] - want[32])[:n].abs().max())
-        assert result["max_abs_logit_diff"] == pytest.approx(expected_diff, abs=1e-4)
+        assert result["max_abs_logit_diff"] < 1e-4
         assert result["test_accuracy"] == accuracy(want[bits]) and result["checksum_ok"]
         assert result["accuracy_drop"] == pytest.approx(summary["test_accuracy"] - accuracy(want[bits]))
-    assert expected_diff > 1e-2  # int8 really changed the logits, and the edge saw exactly that change
-
-
-def test_int8_quantisation_is_within_half_a_step():
-    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
-    q, s = quantise_int8(x)
-    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
-    assert (dequantise_int8(q, s) - x).abs().max() <= s.item() / 2 + 1e-7
-    q0, s0 = quantise_int8(torch.zeros(3, 2))
-    assert torch.equal(dequantise_int8(q0, s0), torch.zeros(3, 2))
+        assert float((want[bits] - want[32]).abs().max()) > (1e-2 if bits != 32 else -1)  # the codec mattered
 
 
 def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys, tiny_files):
     adir = tmp_path / "adir"
     assert main(["export", str(finished_run / "run"), "--bits", "16", "--out", str(adir)]) == 0
     out = capsys.readouterr().out
-    assert "payload" in out and "accounted bits" in out and "airtime" in out
+    assert "payload" in out and "overhead" in out and "on air" in out and "airtime" in out
     sha = out.split("sha256 ")[1].split()[0]
     verify_delivery(adir, sha)  # intact: passes, also against the printed value
     with pytest.raises(AirloraError, match="--sha256"):

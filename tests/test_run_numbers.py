@@ -8,6 +8,7 @@ airlora.channel; parameter counts come from the tiny BERT's shapes (2 layers, d_
 import csv
 import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -72,9 +73,11 @@ def test_summary_numbers_follow_from_the_ranks_rows_and_data(tiny_config, skewed
     assert sum(t.numel() for t in tensors.values()) == s["transmitted_params"]
     assert s["transmitted_params_paper_formula"] == sum(r * (2 * 32 + 1) for r in ranks.values()) + HEAD
     assert s["transmitted_bits"] == 32 * s["transmitted_params"]
+    assert s["on_air_bits"] == s["transmitted_bits"] + 8 * s["delivery_overhead_bytes"]  # the delivery's own files
+    assert 1000 < s["delivery_overhead_bytes"] < 4000  # the tiny BERT's header, config and manifest, compressed
     capacity = capacity_bps(5.0, 1e6)
     assert s["capacity_bps"] == pytest.approx(capacity, rel=1e-9)
-    assert s["airtime_s"] == pytest.approx(s["transmitted_bits"] / capacity, rel=1e-9)
+    assert s["airtime_s"] == pytest.approx(s["on_air_bits"] / capacity, rel=1e-9)
     assert s["eta"] == pytest.approx(s["airtime_s"] / s["t_max_s"]) and s["budget_ok"] == (s["airtime_s"] <= 1.0)
 
     test_labels = load_splits(config.data, config.train.seed).test.labels
@@ -120,25 +123,44 @@ def test_train_s_counts_every_process_of_a_resumed_run(tiny_config, tmp_path, mo
     assert earlier + resumed_steps <= s["train_s"] <= earlier + resumed_wall
 
 
+def int8_unit_bits(d_in, d_out):
+    """Bits per unit rank at int8, from the wire format: a Q row and a P column of int8 codes with one bf16 scale per
+    64 values, and λ in fp32."""
+    return (d_in + d_out) * 8 + 16 * (math.ceil(d_in / 64) + math.ceil(d_out / 64)) + 32
+
+
 def test_export_manifest_airtime_and_fits_t_max(tiny_config, tmp_path):
-    """An 8-bit run on a link where 8 bits fit and 32 do not: the manifest's airtime and verdict at each precision."""
-    config = merge(tiny_config, {"channel.snr_db": [0.0], "channel.bandwidth_hz": 3e4, "channel.bits_per_param": 8})
+    """An 8-bit run on a link where 8 bits fit and 16 and 32 do not: the bytes written, the airtime and the verdict."""
+    config = merge(tiny_config, {"channel.snr_db": [0.0], "channel.bandwidth_hz": 5e4, "channel.bits": [8]})
     s = run(config, tmp_path / "r")
-    capacity = capacity_bps(0.0, 3e4)
+    capacity = capacity_bps(0.0, 5e4)
+    unit = sum(int8_unit_bits(*SHAPES[m]) for m in SHAPES) * 2  # both layers: 7,424 bits per unit rank
+    head = 2 * (32 * 8 + 16) + (2 * 8 + 16)  # the classifier's two rows, and its bias as one row
+    reserve = 8 * s["delivery_overhead_bytes"]
+    assert s["ranks"] == dict.fromkeys(s["ranks"], 3)  # the largest uniform rank whose int8 delivery fits
+    assert 3 * unit + head + reserve <= capacity < 4 * unit + head + reserve
+    assert s["transmitted_bits"] == 3 * unit + head and s["precisions"] == dict.fromkeys(s["ranks"], 8)
     params = sum(r * cost(k) for k, r in s["ranks"].items()) + HEAD
-    assert s["ranks"] == dict.fromkeys(s["ranks"], 3)  # the largest uniform rank whose 8-bit adapter fits
-    assert (3 * 844 + HEAD) * 8 <= capacity < (4 * 844 + HEAD) * 8  # 844 = Σ (d_in + d_out + 1) per unit rank
-    for bits, fits in ((8, True), (16, False), (32, False)):
+    for bits, fits in ((None, True), (8, True), (16, False), (32, False)):
         adir = tmp_path / f"a{bits}"
         m = export_adapter(tmp_path / "r", bits, adir)
         payload = adir / m["payload_file"]
-        header = 8 + int.from_bytes(payload.read_bytes()[:8], "little")
-        scales = 4 * (3 * len(s["ranks"]) + 2) if bits == 8 else 0  # one fp32 scale per tensor
-        overhead = header + scales + (adir / "adapter_config.json").stat().st_size
+        raw = payload.read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")
+        tensor_bytes = len(raw) - header
+        if bits in (None, 8):  # the run's own codec: exactly the bits it budgeted, in the file
+            assert tensor_bytes * 8 == s["transmitted_bits"] and m["payload_file"].endswith("quantised.safetensors")
+        else:
+            assert tensor_bytes * 8 == params * bits and m["payload_file"] == "adapter_model.safetensors"
+        sent = raw[:header] + (adir / "adapter_config.json").read_bytes() + (adir / "delivery.json").read_bytes()
+        overhead = len(zlib.compress(sent, 9))
+        assert m["overhead_bytes"] == overhead and m["overhead_raw_bytes"] == len(sent)
+        if bits in (None, 8):
+            assert overhead <= s["delivery_overhead_bytes"] == m["reserved_overhead_bytes"]
         assert m["capacity_bps"] == pytest.approx(capacity, rel=1e-9) and m["transmitted_params"] == params
-        assert m["airtime_s"] == pytest.approx(params * bits / capacity, rel=1e-9)
-        assert m["airtime_with_overhead_s"] == pytest.approx((params * bits + 8 * overhead) / capacity, rel=1e-9)
-        assert m["fits_t_max"] is fits and (params * bits / capacity <= 1.0) is fits
+        assert m["on_air_bits"] == 8 * (tensor_bytes + overhead)
+        assert m["airtime_s"] == pytest.approx(8 * (tensor_bytes + overhead) / capacity, rel=1e-9)
+        assert m["fits_t_max"] is fits and (8 * (tensor_bytes + overhead) / capacity <= 1.0) is fits
 
 
 def test_edge_data_and_sha256_flags(tiny_config, tiny_files, skewed_data, tmp_path, capsys):
@@ -189,10 +211,10 @@ def test_the_snr_column_follows_the_schedule(tiny_config, tmp_path, schedule):
         assert snr == expected[schedule]
     k = 3.0 if schedule == "rician" else 0.0
     for row in rows:
-        capacity = capacity_bps(float(row["snr_db"]), 2e4, k)
+        capacity = capacity_bps(float(row["snr_db"]), 5e4, k)
         assert float(row["capacity_bps"]) == pytest.approx(capacity, rel=3e-3 if k else 1e-9)  # Rician: Monte Carlo
         if k:
-            assert float(row["capacity_bps"]) > 1.01 * capacity_bps(float(row["snr_db"]), 2e4)  # not Rayleigh's
+            assert float(row["capacity_bps"]) > 1.01 * capacity_bps(float(row["snr_db"]), 5e4)  # not Rayleigh's
 
 
 def test_ranks_change_only_on_decision_steps(tiny_config, tmp_path, monkeypatch):

@@ -72,8 +72,9 @@ def test_summary_reports_the_delivered_best_checkpoint(tiny_config, tmp_path):
 
 
 def test_early_stop_once_reward_converged_and_no_gain(tiny_config, tmp_path):
+    # a wide link keeps η small, so R = −U − 2η converges (≥ −λ = −2) while the tiny model's loss is ~0.7
     config = merge(tiny_config, {"train.steps": 40, "train.eval_every": 1, "train.patience": 1,
-                                 "train.reward_lambda": 2.0})
+                                 "train.reward_lambda": 2.0, "channel.bandwidth_hz": 1e6})
     summary = run(config, tmp_path)
     assert summary["stopped_early"] and summary["steps"] < 40
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, PrecisionMap, StepOutcome, split_decision
 from airlora.errors import AirloraError
 
 if TYPE_CHECKING:
@@ -23,7 +23,8 @@ _REGISTRY: dict[str, str] = {
     "airllm": "airlora.allocators.airllm:AirLLMAllocator",
 }
 
-__all__ = ["AllocationContext", "Allocator", "StepOutcome", "allocator_class", "make_allocator", "names"]
+__all__ = ["AllocationContext", "Allocator", "Decision", "PrecisionMap", "StepOutcome", "allocator_class",
+           "make_allocator", "names", "split_decision"]
 
 
 def names() -> list[str]:

@@ -9,12 +9,17 @@ A module's rank is the number of triplets its mask keeps; the trainer projects t
 budget, as for every allocator.
 
 Budget. AdaLoRA counts triplets; the channel counts bits (a triplet of fc1 costs 2.5 times one of q in MiniLM).
-The final adapter's size is set in bits: ``adalora.target_bits`` (``--match-bits-of``), or else the largest
-adapter that fits T_max at ``adalora.design_snr_db`` (default the lowest SNR of the run, so AdaLoRA's own final
-allocation fits every step and the projection never has to cut it). PEFT's schedule runs in triplets, from all
-of them (init_bgt) to target_bgt = target adapter params / mean triplet cost; each of its masks is taken at the same
-cubic share of the way from the full adapter to the target, in parameters: the count handed to ``mask_to_budget``
-is the largest whose kept triplets, in PEFT's score order, fit. The final allocation (step total_step − tfinal)
+The final adapter's size is set in bits: ``adalora.target_bits`` (``--match-bits-of``: another run's on-air bits,
+head and overhead included), or else the largest adapter that fits T_max at ``adalora.design_snr_db`` (default the
+lowest SNR of the run, so AdaLoRA's own final allocation fits every step and the projection never has to cut it).
+PEFT's schedule runs in triplets, from all of them (init_bgt) to target_bgt = target adapter bits / mean triplet
+bits; each of its masks is taken at the same cubic share of the way from the full adapter to the target, in bits:
+the count handed to ``mask_to_budget`` is the largest whose kept triplets, in PEFT's score order, fit.
+
+Joint mode (several allowed precisions, ``channel.bits``): one common precision for the whole run, chosen with the
+target like ``uniform``'s pair, rank first: the highest precision at which the full adapter fits the target, else
+the lowest (the most triplets); triplet costs are the exact bits at that precision. The trainer's projection may
+still lower it at a step whose budget is tighter than the target's. The final allocation (step total_step − tfinal)
 uses the target itself, so the final adapter lands within one triplet of it (below it only when fewer triplets
 than that carry a score, e.g. triplets never trained because the channel always cut them).
 
@@ -45,12 +50,11 @@ import torch
 from torch import nn
 
 from airlora.adapters import SVDLinear
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome
 from airlora.channel import SnrSchedule, capacity_bps, param_cap
 from airlora.config import AdaLoraSettings, RunConfig
 from airlora.errors import AirloraError
 from airlora.models import FAMILIES, resolve_modules
-from airlora.ranks import RankMap
 
 if TYPE_CHECKING:
     from peft import AdaLoraConfig
@@ -134,13 +138,14 @@ def schedule_steps(total_step: int, settings: AdaLoraSettings) -> tuple[int, int
 
 
 def target_bits_of(run_dir: str | Path) -> int:
-    """On-air bits of another run's delivered adapter (its summary.json), for ``--match-bits-of``."""
+    """On-air bits of another run's delivery, head and overhead included (its summary.json), for ``--match-bits-of``."""
     path = Path(run_dir) / "summary.json"
     try:
-        bits = json.loads(path.read_text(encoding="utf-8"))["transmitted_bits"]
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        bits = summary["on_air_bits"] if "on_air_bits" in summary else summary["transmitted_bits"]
     except (OSError, ValueError, KeyError, TypeError):
         raise AirloraError(f"--match-bits-of {str(run_dir)!r}: expected a finished run folder whose summary.json "
-                           "has transmitted_bits") from None
+                           "has on_air_bits (or transmitted_bits)") from None
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
         raise AirloraError(f"--match-bits-of {str(run_dir)!r}: transmitted_bits = {bits!r} is not a positive integer")
     return bits
@@ -159,43 +164,55 @@ class AdaLoraAllocator(Allocator):
         # Deliver only AdaLoRA's final allocation, so its adapter is the size its target says (equal-bits runs).
         self.first_deliverable_step = self.total_step - self.tfinal
         self.r_max = config.adapter.r_max
-        self.target_params: int | None = None
-        """Adapter parameters (head excluded) of the final allocation; set at the first decision."""
+        self.target_bits: int | None = None
+        """On-air bits of the final allocation's triplets (head and overhead excluded); set at the first decision."""
+        self.precision: int = config.channel.bits_per_param
+        """The common precision of every module (joint mode: chosen at the first decision)."""
         self.costs: dict[str, int] = {}
-        self.full_params = 0
+        """Bits per triplet of each module at ``precision``."""
+        self.full_bits = 0
         self.sensitivity: TripletSensitivity | None = None
         self.rank_pattern: dict[str, list[bool]] | None = None
         """PEFT's latest masks, by lora_E parameter name; None until the first cut (all triplets kept)."""
 
-    def allocate(self, ctx: AllocationContext) -> RankMap:
-        if self.target_params is None:
-            self.costs = {key: int(c) for key, c in zip(ctx.budget.keys, ctx.budget.costs, strict=True)}
-            self.full_params = self.r_max * sum(self.costs.values())
-            self.target_params = self._target_params(ctx)
+    def allocate(self, ctx: AllocationContext) -> Decision:
+        if self.target_bits is None:
+            self._set_target(ctx)
         if self.rank_pattern is None:
-            return {key: self.r_max for key in ctx.budget.keys}
-        keys = self.sensitivity.keys
-        return {keys[name.removesuffix(f".lora_E.{ADAPTER}")]: int(sum(mask))
-                for name, mask in self.rank_pattern.items()}
+            ranks = {key: self.r_max for key in ctx.budget.keys}
+        else:
+            keys = self.sensitivity.keys
+            ranks = {keys[name.removesuffix(f".lora_E.{ADAPTER}")]: int(sum(mask))
+                     for name, mask in self.rank_pattern.items()}
+        if len(ctx.budget.allowed_bits) == 1:
+            return ranks
+        return ranks, dict.fromkeys(ctx.budget.keys, self.precision)
 
-    def _target_params(self, ctx: AllocationContext) -> int:
-        """Adapter parameters the final allocation may use: from target_bits, or what fits T_max at the design SNR."""
+    def _set_target(self, ctx: AllocationContext) -> None:
+        """The final allocation's bits (from target_bits, or what fits T_max at the design SNR) and its precision."""
         budget = ctx.budget
         if self.settings.target_bits is not None:
-            total = self.settings.target_bits // budget.bits_per_param
+            total = self.settings.target_bits
         else:
             design = self.settings.design_snr_db
             if design is None:
                 design = min(SnrSchedule(self.config.channel, self.seed).values)
             capacity = capacity_bps(design, self.config.channel, ctx.bandwidth_hz)
-            total = param_cap(budget.bits_per_param, capacity, budget.t_max_s)
-        return int(np.clip(total - budget.reserved_params, 0, self.full_params))
+            total = param_cap(1, capacity, budget.t_max_s)  # the bit cap
+        room = total - budget.reserved_bits
+        full = {b: self.r_max * int(budget.unit_bits[:, k].sum()) for k, b in enumerate(budget.allowed_bits)}
+        fitting = [b for b in budget.allowed_bits if full[b] <= room]
+        self.precision = max(fitting) if fitting else budget.allowed_bits[0]
+        self.costs = {key: int(c) for key, c in zip(budget.keys, budget.unit_bits_at(
+            dict.fromkeys(budget.keys, self.precision)), strict=True)}
+        self.full_bits = full[self.precision]
+        self.target_bits = int(np.clip(room, 0, self.full_bits))
 
     def _start(self, model: nn.Module) -> None:
         from peft import AdaLoraConfig
 
         mean_cost = float(np.mean(list(self.costs.values())))
-        target_triplets = min(len(self.costs) * self.r_max, int(self.target_params // mean_cost))
+        target_triplets = min(len(self.costs) * self.r_max, int(self.target_bits // mean_cost))
         peft_config = AdaLoraConfig(
             init_r=self.r_max, target_r=round(target_triplets / len(self.costs)), tinit=self.tinit,
             tfinal=self.tfinal, deltaT=self.settings.delta_t, beta1=self.settings.beta1, beta2=self.settings.beta2,
@@ -218,35 +235,36 @@ class AdaLoraAllocator(Allocator):
             if mask_now and budget < peft.init_bgt:  # kthvalue needs k = init_bgt − budget >= 1
                 # the same cubic share of the way from the full adapter to the target, in parameters
                 share = (budget - peft.target_bgt) / (peft.init_bgt - peft.target_bgt)  # 1 → 0
-                self._mask(model, self.target_params + share * (self.full_params - self.target_params))
+                self._mask(model, self.target_bits + share * (self.full_bits - self.target_bits))
         elif step == final_step:
             # 2. final allocation: the most triplets, in PEFT's score order, that fit the target
-            self._mask(model, self.target_params)
+            self._mask(model, self.target_bits)
             peft.reset_ipt()
         elif self.rank_pattern is not None:
             # 3. final fine-tuning: PEFT re-applies the final masks every step
             peft.mask_using_rank_pattern(model, self.rank_pattern)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target_params": self.target_params, "costs": self.costs, "full_params": self.full_params,
+        return {"target_bits": self.target_bits, "precision": self.precision, "costs": self.costs,
+                "full_bits": self.full_bits,
                 "rank_pattern": self.rank_pattern,
                 "sensitivity": self.sensitivity.state_dict() if self.sensitivity is not None else None}
 
     def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: nn.Module) -> None:
-        self.target_params, self.costs = state["target_params"], state["costs"]
-        self.full_params, self.rank_pattern = state["full_params"], state["rank_pattern"]
+        self.target_bits, self.costs, self.precision = state["target_bits"], state["costs"], state["precision"]
+        self.full_bits, self.rank_pattern = state["full_bits"], state["rank_pattern"]
         if state["sensitivity"] is not None:
             self._start(model)
             self.sensitivity.load_state_dict(state["sensitivity"])
 
-    def _mask(self, model: nn.Module, params: float) -> None:
-        """PEFT's mask keeping the longest prefix of triplets, best score first, whose parameters fit ``params``."""
+    def _mask(self, model: nn.Module, bits: float) -> None:
+        """PEFT's mask keeping the longest prefix of triplets, best score first, whose on-air bits fit ``bits``."""
         scores = self.sensitivity.scores()
         keys = list(scores)
         values = np.concatenate([scores[key] for key in keys])  # (N,)
         costs = np.repeat([self.costs[key] for key in keys], [scores[key].size for key in keys])  # (N,)
         order = np.argsort(-values, kind="stable")
-        keep = int(np.searchsorted(np.cumsum(costs[order]), params, side="right"))
+        keep = int(np.searchsorted(np.cumsum(costs[order]), bits, side="right"))
         if keep < self.sensitivity.peft.init_bgt:
             self.rank_pattern = self.sensitivity.peft.mask_to_budget(model, keep)
         else:

@@ -1,9 +1,20 @@
-"""The allocator interface: what every rank allocator sees and returns.
+"""The allocator interface: what every rank (and precision) allocator sees and returns.
 
-The trainer calls ``allocate`` before the forward pass of every step a decision is due, projects
-the answer onto the budget and applies it; it calls ``observe`` after ``optimizer.step()`` and
-before ``zero_grad()`` (gradients still present, as PEFT's ``update_and_allocate`` expects).
-The trainer never knows which allocator it talks to.
+The trainer calls ``allocate`` before the forward pass of every step a decision is due, projects the answer onto
+the budget (``Budget.project_joint``) and applies it; it calls ``observe`` after ``optimizer.step()`` and before
+``zero_grad()`` (gradients still present, as PEFT's ``update_and_allocate`` expects). ``deliver`` is the
+evaluation-mode decision for a delivery over ``ctx``'s channel. The trainer never knows which allocator it talks to.
+
+What ``allocate`` and ``deliver`` return (a ``Decision``):
+- a rank mapping ``{"layers.{i}.{module}": r}``: rank only. Every module is proposed at the budget's highest
+  allowed precision, ``ctx.budget.bits_per_param``; the projection lowers precisions (before any rank) only where
+  the budget needs it. With one allowed precision (``channel.bits: [b]``, the default [32]) this is all there is.
+- or a pair ``(ranks, precisions)``, ``precisions`` a mapping with the same keys to bits per value, each one of
+  ``ctx.budget.allowed_bits``: rank and precision chosen together. ``ctx.budget.unit_bits`` (M, K) holds each
+  module's exact on-air bits per unit rank at each allowed precision, ``ctx.budget.reserved_bits`` the head and the
+  delivery overhead, so an allocator can price its choice exactly; the projection still makes it feasible.
+``ctx.precisions`` and ``StepOutcome.precisions`` are the precisions applied at the previous / this step (None
+before the first decision and off a real run).
 """
 
 from __future__ import annotations
@@ -19,6 +30,19 @@ from airlora.ranks import RankMap
 if TYPE_CHECKING:
     from airlora.channel import Budget
     from airlora.config import RunConfig
+
+PrecisionMap = dict[str, int]
+"""``"layers.{i}.{module}" -> bits per value`` (same as ``airlora.budget.PrecisionMap``)."""
+Decision = RankMap | tuple[RankMap, PrecisionMap]
+"""What ``allocate`` and ``deliver`` return: ranks, or ranks and precisions (see the module docstring)."""
+
+
+def split_decision(decision: Decision) -> tuple[RankMap, PrecisionMap | None]:
+    """(ranks, precisions) of a decision; precisions None for a rank-only one (the budget's highest)."""
+    if isinstance(decision, tuple):
+        ranks, precisions = decision
+        return ranks, precisions
+    return decision, None
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,8 @@ class AllocationContext:
     progress: float = 0.0
     """Share of the run's steps done before this one, in [0, 1] (the policy's state sees it: losses fall as a
     run goes on, and without it a critic or value function would read that trend as the effect of the ranks)."""
+    precisions: PrecisionMap | None = None
+    """Precisions applied at the previous step (None before the first)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,8 @@ class StepOutcome:
     """Ranks applied at this step (after projection)."""
     model: torch.nn.Module | None
     """The model, with gradients of this step still on its parameters; None where there is no model (the bandit)."""
+    precisions: PrecisionMap | None = None
+    """Precisions applied at this step (after projection); None where the caller has none (the bandit)."""
 
 
 class Allocator:
@@ -72,14 +100,14 @@ class Allocator:
         self.config = config
         self.seed = seed
 
-    def allocate(self, ctx: AllocationContext) -> RankMap:
-        """Ranks for the next step; the trainer projects them onto ``ctx.budget`` before use."""
+    def allocate(self, ctx: AllocationContext) -> Decision:
+        """Ranks (and optionally precisions) for the next step; the trainer projects them onto ``ctx.budget``."""
         raise NotImplementedError
 
     def observe(self, outcome: StepOutcome) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad()``; ``outcome.model`` is None off a real run."""
 
-    def deliver(self, ctx: AllocationContext) -> RankMap:
+    def deliver(self, ctx: AllocationContext) -> Decision:
         """The evaluation-mode decision for delivering over the channel of ``ctx``; it changes nothing learned.
 
         Allocators that do not explore return their usual decision; the caller projects it onto ``ctx.budget``.

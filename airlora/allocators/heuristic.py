@@ -7,10 +7,20 @@ The paper's reference point "reduces rank under low SNR". Each decision:
    (``TripletSensitivity``, from PEFT's EMAs of |θ·∂L/∂θ|) divided by their on-air bits cost_m·b, best first,
    while they fit.
 The scores only say how many triplets a module gets; which of its triplets are active is SVDLinear's top-|λ| rule.
+
+Joint mode (several allowed precisions, ``channel.bits``): the floor is taken at the lowest precision and every
+module starts there; then one greedy fill over both kinds of move, best value per on-air bit first:
+- one more triplet of module m at its precision b_m: worth its score s·(1 − ε(b_m)), costs u_m(b_m) bits;
+- module m one precision level up: worth Σ (its active triplets' scores)·(ε(b) − ε(b')), costs r_m·(u_m(b') − u_m(b)),
+where ε is the codec's error bound relative to a group's largest value (``Codec.relative_error``: 2^−11 at fp16,
+~1/254 at int8, ~1/14 at int4), a triplet's score its AdaLoRA sensitivity. A triplet is worth as much as the loss
+change of removing it, and quantisation noise of relative size ε removes about an ε share of it, so this prices
+rank and precision in one currency. Ties go to the triplet (rank first, as ``uniform``), then to the cheaper move.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +28,9 @@ import numpy as np
 from torch import nn
 
 from airlora.allocators.adalora import TripletSensitivity
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, PrecisionMap, StepOutcome
 from airlora.channel import Budget
+from airlora.codecs import codec
 from airlora.config import RunConfig
 from airlora.ranks import RankMap
 
@@ -33,7 +44,8 @@ def greedy_fill(budget: Budget, base: RankMap, values: Mapping[str, np.ndarray] 
     Returns ``base`` projected onto the budget if it does not fit.
     """
     r = budget.vector(base)  # (M,)
-    room = budget.room(base)
+    room = budget.room_bits(base)  # at the budget's one (highest) precision
+    unit = budget.unit_bits_at()  # (M,) bits per triplet
     if room < 0 or np.any(r > budget.r_max):
         return budget.project(base)
     values = values or {}
@@ -46,13 +58,63 @@ def greedy_fill(budget: Budget, base: RankMap, values: Mapping[str, np.ndarray] 
     module = np.asarray(module, dtype=np.int64)  # (N,) candidate triplets
     if module.size == 0:
         return {key: int(v) for key, v in zip(budget.keys, r, strict=True)}
-    cost = budget.costs[module]
-    per_bit = np.concatenate(worth) / (cost * budget.bits_per_param)
+    cost = unit[module]
+    per_bit = np.concatenate(worth) / cost
     for i in np.lexsort((np.arange(module.size), cost, -per_bit)):  # best value per bit, then cheapest, then order
         if cost[i] <= room:
             r[module[i]] += 1
             room -= int(cost[i])
     return {key: int(v) for key, v in zip(budget.keys, r, strict=True)}
+
+
+def greedy_fill_joint(budget: Budget, base: RankMap, values: Mapping[str, np.ndarray] | None = None
+                      ) -> tuple[RankMap, PrecisionMap]:
+    """From ``base`` ranks with every module at the lowest allowed precision, add triplets and precision levels by
+    value per on-air bit, best first, while they fit (see the module docstring); the projection of ``base`` at the
+    lowest precision if it does not fit.
+
+    A heap of each module's two candidate moves, refreshed when the module changes: a move that does not fit is
+    dropped, since the room only shrinks and its cost only changes when its module does.
+    """
+    lowest = dict.fromkeys(budget.keys, budget.allowed_bits[0])
+    r = budget.vector(base)  # (M,)
+    if np.any(r > budget.r_max) or budget.room_bits(base, lowest) < 0:
+        return budget.project_joint(base, lowest)
+    values = values or {}
+    unit, top = budget.unit_bits, len(budget.allowed_bits) - 1  # (M, K)
+    eps = np.array([codec(b).relative_error for b in budget.allowed_bits])  # (K,)
+    ranked = [np.sort(np.asarray(values.get(key, np.zeros(budget.r_max)), dtype=np.float64))[::-1]
+              for key in budget.keys]  # (R,) per module, best first
+    kept = [np.concatenate([[0.0], np.cumsum(v)]) for v in ranked]  # value of a module's best j triplets
+    level = np.zeros(r.size, dtype=np.int64)
+    room = budget.room_bits(base, lowest)
+    version = np.zeros(r.size, dtype=np.int64)
+    heap: list[tuple[float, int, int, int, int]] = []
+
+    def push(m: int) -> None:
+        k = level[m]
+        if r[m] < budget.r_max:
+            worth, cost = ranked[m][r[m]] * (1 - eps[k]), int(unit[m, k])
+            heapq.heappush(heap, (-worth / cost, 0, cost, m, int(version[m])))
+        if k < top and r[m] > 0:
+            worth, cost = kept[m][r[m]] * (eps[k] - eps[k + 1]), int(r[m] * (unit[m, k + 1] - unit[m, k]))
+            heapq.heappush(heap, (-np.inf if cost <= 0 else -worth / cost, 1, cost, m, int(version[m])))
+
+    for m in range(r.size):
+        push(m)
+    while heap:
+        _, kind, cost, m, seen = heapq.heappop(heap)
+        if seen != version[m] or cost > room:
+            continue
+        if kind == 0:
+            r[m] += 1
+        else:
+            level[m] += 1
+        room -= cost
+        version[m] += 1
+        push(m)
+    return ({key: int(v) for key, v in zip(budget.keys, r, strict=True)},
+            {key: int(budget.allowed_bits[k]) for key, k in zip(budget.keys, level, strict=True)})
 
 
 class HeuristicAllocator(Allocator):
@@ -65,10 +127,13 @@ class HeuristicAllocator(Allocator):
         self.floor_share = config.heuristic.floor_share
         self.sensitivity: TripletSensitivity | None = None
 
-    def allocate(self, ctx: AllocationContext) -> RankMap:
+    def allocate(self, ctx: AllocationContext) -> Decision:
         budget = ctx.budget
-        floor_rank = int(self.floor_share * budget.max_uniform_rank())
         scores = self.sensitivity.scores() if self.sensitivity is not None else None
+        if len(budget.allowed_bits) > 1:  # joint: rank and precision by value per bit
+            floor_rank = int(self.floor_share * budget.max_uniform_rank(budget.allowed_bits[0]))
+            return greedy_fill_joint(budget, dict.fromkeys(budget.keys, floor_rank), scores)
+        floor_rank = int(self.floor_share * budget.max_uniform_rank())
         return greedy_fill(budget, dict.fromkeys(budget.keys, floor_rank), scores)
 
     def observe(self, outcome: StepOutcome) -> None:
