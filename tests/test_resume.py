@@ -30,18 +30,24 @@ def same_outputs(a, b):
     assert metrics(a) == metrics(b)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     for key in ("ranks", "final_step_ranks", "test_accuracy", "val_accuracy", "best_step", "transmitted_params",
-                "mean_reward"):
+                "mean_reward", "precisions", "final_step_precisions"):
         assert sa[key] == sb[key], key
     ta, tb = load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def resumable(tiny_config, allocator, steps=12):
-    return merge(tiny_config, {"allocator": allocator, "train.steps": steps, "train.checkpoint_every": 4,
-                               "policy.episode_steps": 3})
+    # "name+joint": every codec allowed (and, for uniform, quantisation-aware training) on a link where they matter
+    name, _, joint = allocator.partition("+")
+    extra = {"channel.bits": [4, 8, 16, 32], "channel.bandwidth_hz": 1e5} if joint else {}
+    if joint and name == "uniform":
+        extra["train.quantization_aware"] = True
+    return merge(tiny_config, {"allocator": name, "train.steps": steps, "train.checkpoint_every": 4,
+                               "policy.episode_steps": 3, **extra})
 
 
-@pytest.mark.parametrize("allocator", ["airllm", "adalora", "heuristic", "random", "uniform"])
+@pytest.mark.parametrize("allocator", ["airllm", "adalora", "heuristic", "random", "uniform", "heuristic+joint",
+                                       "uniform+joint", "adalora+joint"])
 def test_a_crashed_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch, allocator):
     config = resumable(tiny_config, allocator)
     run(config, tmp_path / "whole")
