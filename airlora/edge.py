@@ -128,15 +128,33 @@ def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch
         # match nothing; AdaLoRA applies them itself right after, when it resizes the modules at load.
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+        path = adir / manifest["payload_file"]
+        if not any(manifest["ranks"].values()):
+            return _head_only(base, path)
         if manifest["payload_file"] == bundle.PEFT_PAYLOAD:
             return PeftModel.from_pretrained(base, str(adir)).eval()
-        path = adir / manifest["payload_file"]
-        with safe_open(str(path), "pt") as handle:
-            codecs = json.loads((handle.metadata() or {})[bundle.CODECS_METADATA])
-        weights = bundle.decode_tensors(load_file(str(path)), codecs)
+        weights = _decoded(path)
         with tempfile.TemporaryDirectory(prefix="airlora-edge-") as tmp:
             copy_for_peft(adir, Path(tmp), weights)
             return PeftModel.from_pretrained(base, tmp).eval()  # weights are copied in: the folder may go
+
+
+def _decoded(path: Path) -> dict[str, torch.Tensor]:
+    """A payload's tensors as fp32 PEFT tensors (integer codecs dequantised)."""
+    with safe_open(str(path), "pt") as handle:
+        codecs = json.loads((handle.metadata() or {}).get(bundle.CODECS_METADATA, "null"))
+    tensors = load_file(str(path))
+    return bundle.decode_tensors(tensors, codecs) if isinstance(codecs, dict) else tensors
+
+
+def _head_only(base: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A delivery with every rank 0 (a link that carried the head alone): PEFT refuses an adapter that targets no
+    module, so the head is copied into the base model itself, which is all such an adapter would change."""
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for key, value in _decoded(path).items():
+            params[key.removeprefix(PEFT_PREFIX)].copy_(value)
+    return base.eval()
 
 
 def accuracy(model: torch.nn.Module, batches: list[Any]) -> float:

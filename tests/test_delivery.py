@@ -193,3 +193,19 @@ def test_export_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(AirloraError, match="adapter.safetensors"):
         export_adapter(tmp_path, 32, tmp_path / "out")
 
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_head_only_delivery_reaches_the_edge(finished_run, tmp_path, tiny_files, bits):
+    """A link that carried only the head (every rank 0): PEFT refuses an adapter targeting nothing; the edge still
+    gets the head, and its accuracy is the cloud's with that head."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run / "run", run_dir)
+    keys = sorted(RunAdapter(run_dir).ranks)
+    reference.with_ranks(run_dir, dict.fromkeys(keys, 0), precisions=dict.fromkeys(keys, bits), head_bits=bits)
+    export_adapter(run_dir, None, tmp_path / "adir")
+    result = edge_evaluate(tmp_path / "adir", str(tiny_files[0]))
+    test = load_splits(RunAdapter(run_dir).config.data, seed=42).test
+    want = reference.logits(reference.merged_model(run_dir, bits, adapter=False), tiny_files[0], test.sentences)
+    assert result["test_accuracy"] == int((want.argmax(-1) == torch.as_tensor(test.labels)).sum()) / len(test)
+    assert result["max_abs_logit_diff"] < 1e-4

@@ -1,7 +1,9 @@
 """Run a sweep's planned runs, locally in a process pool or as Ray tasks, resumably.
 
-Layout of ``--out DIR``: ``plan.json`` (every planned run), ``runs/{run_id}/`` (an `airlora run` folder each)
-and ``results.jsonl`` (one row per finished or failed run, rewritten atomically after each run ends).
+Layout of ``--out DIR``: ``plan.json`` (every planned run), ``runs/{run_id}/`` (an `airlora run` folder each),
+``posthoc/{run_id}/{int8|run}.json`` (the sweep file's post-hoc exports, evaluated on the edge; the export folders
+themselves are removed once measured) and ``results.jsonl`` (one row per finished or failed run, rewritten
+atomically after each run ends).
 A run is finished when its ``summary.json`` exists (written last, atomically), so a restarted sweep skips
 it; a run cut off half-way has no summary and is run again from scratch; a failed run is retried.
 """
@@ -27,23 +29,77 @@ from airlora.sweep.grid import PlannedRun, Sweep
 from airlora.sweep.rows import failed_row, finished_row
 
 Outcome = dict[str, Any]
-Job = tuple[str, dict[str, Any], str]
-"""(run id, config as plain data, run folder)."""
+Job = tuple[str, dict[str, Any], str, list[int | str], str]
+"""(run id, config as plain data, run folder, post-hoc exports still to do, their folder)."""
 
 
-def run_one(config_data: dict[str, Any], run_dir: str) -> Outcome:
-    """Worker body: one `airlora run`; any error is written to ``failed.json`` and returned, never raised."""
+def export_label(export: int | str) -> str:
+    """A post-hoc export's name: 'run' or 'int8' / 'fp16' …"""
+    from airlora.codecs import CODECS
+
+    return "run" if export == "run" else CODECS[int(export)].name
+
+
+def posthoc_done(folder: Path, export: int | str) -> bool:
+    """True when this post-hoc export has been measured (an error is retried)."""
+    path = folder / f"{export_label(export)}.json"
+    return path.is_file() and json.loads(path.read_text()).get("status") == "ok"
+
+
+def posthoc_export(run_dir: Path, export: int | str, folder: Path) -> dict[str, Any]:
+    """Export a finished run (at ``export`` bits, or 'run': its own precisions), evaluate it as the edge, write and
+    return the record; the export folder is removed afterwards (the record keeps the accounting)."""
+    import shutil
+
+    from airlora.edge import edge_evaluate
+    from airlora.export import export_adapter
+
+    name = export_label(export)
+    adir = folder / name
+    try:
+        m = export_adapter(run_dir, None if export == "run" else int(export), adir, overwrite=True)
+        edge = edge_evaluate(adir, m["model_dir"])
+        record = {"status": "ok", "export": export, "edge_test_accuracy": edge["test_accuracy"],
+                  "cloud_test_accuracy": edge["cloud_test_accuracy"], "accuracy_drop": edge["accuracy_drop"],
+                  "max_abs_logit_diff": edge["max_abs_logit_diff"], "precisions": m["precisions"],
+                  "head_bits": m["head_bits"]}
+        record |= {key: m[key] for key in ("payload_bytes", "scale_bytes", "header_bytes", "config_bytes",
+                                           "manifest_bytes", "overhead_raw_bytes", "overhead_bytes",
+                                           "reserved_overhead_bytes", "on_air_bits", "airtime_s", "t_max_s",
+                                           "fits_t_max")}
+    except Exception as err:  # recorded and retried by the next start of the sweep
+        record = {"status": "failed", "export": export, "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc()}
+    finally:
+        shutil.rmtree(adir, ignore_errors=True)
+    write_json_atomic(folder / f"{name}.json", record)
+    return record
+
+
+def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] | None = None,
+            posthoc_dir: str | None = None) -> Outcome:
+    """Worker body: one `airlora run` (unless it already finished), then its post-hoc exports; any error is written to
+    ``failed.json`` (the run's) or the export's record and returned, never raised."""
     from airlora.run import run
 
     out = Path(run_dir)
-    (out / "failed.json").unlink(missing_ok=True)
-    try:
-        run(from_dict(RunConfig, config_data), out, overwrite=True)
-        return {"status": "ok"}
-    except Exception as err:  # a crashed run is recorded; the sweep goes on
-        failure = {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        write_json_atomic(out / "failed.json", failure)
-        return failure
+    config = from_dict(RunConfig, config_data)
+    if not (out / "summary.json").is_file():
+        (out / "failed.json").unlink(missing_ok=True)
+        try:
+            run(config, out, overwrite=True)
+        except Exception as err:  # a crashed run is recorded; the sweep goes on
+            failure = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                       "traceback": traceback.format_exc()}
+            write_json_atomic(out / "failed.json", failure)
+            return failure
+    if exports:
+        import torch
+
+        torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+        for export in exports:
+            posthoc_export(out, export, Path(posthoc_dir))
+    return {"status": "ok"}
 
 
 def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | None = None) -> tuple[int, int]:
@@ -64,8 +120,8 @@ def _local(todo: list[Job], workers: int) -> Iterator[tuple[str, Outcome]]:
             broken = False
             while (pending or in_flight) and not broken:
                 while pending and len(in_flight) < workers:
-                    rid, data, run_dir = pending.pop()
-                    in_flight[pool.submit(run_one, data, run_dir)] = rid
+                    rid, *job = pending.pop()
+                    in_flight[pool.submit(run_one, *job)] = rid
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     rid = in_flight.pop(future)
@@ -86,7 +142,7 @@ def _ray(todo: list[Job], threads: int, address: str | None) -> Iterator[tuple[s
         raise AirloraError("--backend ray needs Ray: pip install 'airlora[ray]'") from None
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     task = ray.remote(num_cpus=threads, max_retries=0)(run_one)
-    refs = {task.remote(data, run_dir): rid for rid, data, run_dir in todo}
+    refs = {task.remote(*job): rid for rid, *job in todo}
     while refs:
         done, _ = ray.wait(list(refs), num_returns=1)
         rid = refs.pop(done[0])
@@ -109,13 +165,15 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
         "name": sweep.name,
         "runs": [{"run_id": r.run_id, "experiments": r.experiments, "params": r.params} for r in sweep.runs],
     })
-    rows = {rid: row for rid, run in planned.items() if (row := finished_row(run, out / "runs" / rid))}
+    rows = {rid: row for rid, run in planned.items()
+            if (row := finished_row(run, out / "runs" / rid, out / "posthoc" / rid))}
     todo = []  # seed by seed, so a sweep stopped early has whole seeds rather than whole settings
     for rid, run in sorted(planned.items(), key=lambda item: item[1].config.train.seed):
-        if rid in rows:
+        exports = [e for e in run.exports if not posthoc_done(out / "posthoc" / rid, e)]
+        if rid in rows and not exports:
             continue
         config = merge(run.config, {"train.threads": threads, "train.progress": False})
-        todo.append((rid, config.to_dict(), str(out / "runs" / rid)))
+        todo.append((rid, config.to_dict(), str(out / "runs" / rid), exports, str(out / "posthoc" / rid)))
     _write_rows(out, rows, planned)
 
     jobs = _local(todo, workers) if backend == "local" else _ray(todo, threads, address)
@@ -124,7 +182,7 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
     failures = 0
     for rid, outcome in jobs:
         run = planned[rid]
-        row = finished_row(run, out / "runs" / rid) if outcome["status"] == "ok" else None
+        row = finished_row(run, out / "runs" / rid, out / "posthoc" / rid) if outcome["status"] == "ok" else None
         if row is None:
             failures += 1
             row = failed_row(run, outcome.get("error", "no summary.json was written"))

@@ -12,6 +12,13 @@ Format (YAML or JSON)::
 
 A grid maps dotted config paths to lists of values; its runs are their cartesian product. Two experiments
 that ask for the same config share one run, so defaults reused across tables are trained once.
+
+``posthoc`` (optional) exports finished runs and evaluates each delivery on the edge, with no extra training::
+
+    posthoc:
+      experiments: [budget_front]   # the runs of these experiments
+      exports: [8, run]             # 8: at int8, for runs with one allowed precision above 8 (rank-only, post-hoc);
+                                    # run: at the precisions the run chose, for runs allowed several (joint)
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any
 from airlora.config import RunConfig, flatten, from_dict, merge
 from airlora.errors import AirloraError
 
-SWEEP_KEYS = ("name", "base", "seeds", "experiments", "workers", "threads_per_run")
+SWEEP_KEYS = ("name", "base", "seeds", "experiments", "workers", "threads_per_run", "posthoc")
+POSTHOC_KEYS = ("experiments", "exports")
 
 
 @dataclass
@@ -37,6 +45,8 @@ class PlannedRun:
     config: RunConfig
     params: dict[str, Any]
     experiments: list[str] = field(default_factory=list)
+    exports: list[int | str] = field(default_factory=list)
+    """Post-hoc exports of the finished run: bits (every module at that codec) or 'run' (its own precisions)."""
 
 
 @dataclass
@@ -47,6 +57,30 @@ class Sweep:
     runs: list[PlannedRun]
     workers: int | None
     threads_per_run: int | None
+
+
+def _posthoc(data: Any, experiments: dict[str, Any]) -> tuple[list[str], list[int | str]]:
+    """The posthoc section: (experiments, exports), each checked."""
+    if data is None:
+        return [], []
+    from airlora.codecs import CODECS
+
+    if not isinstance(data, dict) or set(data) - set(POSTHOC_KEYS):
+        raise AirloraError(f"posthoc must be a mapping with keys {', '.join(POSTHOC_KEYS)}, got {data!r}")
+    names, exports = data.get("experiments", list(experiments)), data.get("exports", [])
+    if not isinstance(names, list) or any(n not in experiments for n in names):
+        raise AirloraError(f"posthoc.experiments = {names!r} is not allowed; expected a list of this file's "
+                           f"experiments ({', '.join(experiments)})")
+    if not isinstance(exports, list) or not exports or any(e != "run" and e not in CODECS for e in exports):
+        raise AirloraError(f"posthoc.exports = {exports!r} is not allowed; expected a non-empty list of 'run' and "
+                           f"precisions from {', '.join(map(str, sorted(CODECS)))}")
+    return names, exports
+
+
+def exports_for(config: RunConfig, exports: list[int | str]) -> list[int | str]:
+    """Which post-hoc exports apply to a run: a precision below its one allowed precision, 'run' when it has several."""
+    bits = config.channel.bits
+    return [e for e in exports if (e == "run" and len(bits) > 1) or (e != "run" and len(bits) == 1 and e < bits[0])]
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -109,6 +143,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         if value is not None and (not isinstance(value, int) or value < 1):
             raise AirloraError(f"{key} must be an integer >= 1, got {value!r}")
 
+    posthoc_experiments, exports = _posthoc(data.get("posthoc"), experiments)
     runs: dict[str, PlannedRun] = {}
     for name, spec in experiments.items():
         for grid in _grids(name, spec):
@@ -128,5 +163,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
                     planned.params = planned.params | params
                     if name not in planned.experiments:
                         planned.experiments.append(name)
+                    if name in posthoc_experiments:
+                        planned.exports = sorted(set(planned.exports) | set(exports_for(config, exports)), key=str)
     return Sweep(str(data.get("name") or path.stem), list(runs.values()), data.get("workers"),
                  data.get("threads_per_run"))

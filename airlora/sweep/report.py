@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from airlora.errors import AirloraError
-from airlora.io import write_text_atomic
-from airlora.sweep import figures
+from airlora.io import write_json_atomic, write_text_atomic
+from airlora.sweep import figures, front
 from airlora.sweep.claims import claims_table
 from airlora.sweep.tables import of, table_by, table_methods, table_settings
 
@@ -113,6 +113,22 @@ def write_report(sweep_dir: Path, out: Path | None = None) -> Path:
         _section(lines, "Noise schedules and rank heat-maps (Fig. 8)",
                  table_by(sched, "beta_schedule", "schedule", methods=False),
                  figures.rank_heatmaps(sched, figs / "fig8_rank_heatmaps.png"))
+    if budget_front := of(rows, front.EXPERIMENT):
+        table, check = front.front_table(budget_front)
+        _section(lines, "Accuracy vs airtime budget: rank-only, post-hoc int8 and joint", table,
+                 front.accuracy_vs_budget(budget_front, figs / "accuracy_vs_budget.png"),
+                 "Test accuracy of what each run delivers, after its codecs (post-hoc rows: the fp32 runs exported at "
+                 "int8 and evaluated on the edge, no extra training), mean ± 95 % CI over seeds; one fixed SNR per "
+                 "run, the budget C·T_max in Mbit. The second table pairs, seed by seed, the best joint method with "
+                 "the best rank-only one (post-hoc included) at each budget.")
+        test = check["test_point"]
+        heat = front.joint_heatmaps(budget_front, test["budget_mbit"] if test else None,
+                                    figs / "joint_rank_bits.png")
+        if heat is not None:
+            path, run = heat
+            lines += [f"![Per-module rank and precision of one joint run](figures/{path.name})", "",
+                      front.delivery_text(run), ""]
+        write_json_atomic(out / "budget_front.json", check)
     _section(lines, "Accuracy vs bits on air, every setting", table_settings(ok),
              figures.pareto(ok, figs / "pareto_accuracy_vs_bits.png"),
              "Every distinct setting of the sweep, whatever its experiment; a setting's runs differ only in the seed.")

@@ -16,6 +16,8 @@ SUMMARY_KEYS = (
     "steps_over_budget", "steps", "mean_reward", "mean_step_s", "mean_decision_s", "decision_overhead_ratio",
     "mean_apply_s", "wall_s", "ranks", "snr_db", "model", "dataset",
 )
+NEW_SUMMARY_KEYS = ("precisions", "on_air_bits", "delivery_overhead_bytes", "capacity_bps", "t_max_s", "head_bits")
+"""Summary keys of runs since the codecs (None in the rows of older runs)."""
 
 
 def method_of(allocator: str, variant: str) -> str:
@@ -35,6 +37,8 @@ def settings_of(run: PlannedRun) -> dict[str, Any]:
         "r_max": cfg.adapter.r_max,
         "reward_lambda": cfg.train.reward_lambda,
         "bits_per_param": cfg.channel.bits_per_param,
+        "bits": ",".join(map(str, cfg.channel.bits)),
+        "t_max_s": cfg.channel.t_max_s,
         "snr_setting": ("trace" if cfg.channel.snr_schedule == "trace"
                         else ",".join(f"{s:g}" for s in cfg.channel.snr_db)),
         "prediction_type": diffusion.prediction_type,
@@ -52,8 +56,9 @@ def reward_curve(metrics: Path, window: int) -> list[float]:
     return [float(np.mean(rewards[i:i + window])) for i in range(0, len(rewards), window)]
 
 
-def finished_row(run: PlannedRun, run_dir: Path) -> dict[str, Any] | None:
-    """The row of a finished run, or None when the run has no summary yet."""
+def finished_row(run: PlannedRun, run_dir: Path, posthoc_dir: Path | None = None) -> dict[str, Any] | None:
+    """The row of a finished run, or None when the run has no summary yet; with its post-hoc exports' records (by
+    name: 'int8', 'run') under ``posthoc``."""
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         return None
@@ -61,6 +66,9 @@ def finished_row(run: PlannedRun, run_dir: Path) -> dict[str, Any] | None:
     settings = settings_of(run)
     row = {"run_id": run.run_id, "status": "ok", "experiments": run.experiments, "params": run.params} | settings
     row |= {key: summary[key] for key in SUMMARY_KEYS}
+    row |= {key: summary.get(key) for key in NEW_SUMMARY_KEYS}
+    if posthoc_dir is not None and posthoc_dir.is_dir():
+        row["posthoc"] = {p.stem: json.loads(p.read_text()) for p in sorted(posthoc_dir.glob("*.json"))}
     row["reward_curve"] = reward_curve(run_dir / "metrics.csv", settings["episode_steps"])
     return row
 
