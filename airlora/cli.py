@@ -223,8 +223,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
     used = sorted({m["precisions"][k] for k, r in m["ranks"].items() if r})
-    what = f"{m['bits_per_param']} bits/value" if m["bits_per_param"] else f"mixed {'/'.join(map(str, used))} bits"
-    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}; head at {m['head_bits']} bits"
+    what = (f"{m['bits_per_param']} bits/value" if m["bits_per_param"]
+            else f"modules at {'/'.join(map(str, used))} bits, head at {m['head_bits']}")
+    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}"
           f"{'' if m['precisions_of_run'] else '; not the precisions the run chose'})")
     print(f"payload {m['payload_bytes']:,} bytes + scales {m['scale_bytes']:,} bytes ({m['transmitted_params']:,} "
           f"params)")

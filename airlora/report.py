@@ -65,7 +65,7 @@ def _precision_text(s: dict[str, Any]) -> str:
     if s["bits_per_param"] is not None:
         return f"{s['bits_per_param']} bits/param"
     used = sorted({s["precisions"][k] for k, r in s["ranks"].items() if r})
-    return f"mixed precisions ({'/'.join(map(str, used))} bits; head {s['head_bits']})"
+    return f"{'/'.join(map(str, used))}-bit modules and a {s['head_bits']}-bit head"
 
 
 def print_channel(config: RunConfig, console: Console | None = None) -> None:

@@ -28,6 +28,8 @@ def test_the_preset_spans_from_some_modules_at_rank_1_to_everything_fits():
     assert {c.allocator for c in configs} == {"uniform", "heuristic", "adalora"}
     assert {c.channel.bits for c in configs} == {(32,), (4, 8, 16, 32)}
     t_max = sorted({c.channel.t_max_s for c in configs})
+    joint_t_max = sorted({c.channel.t_max_s for c in configs if len(c.channel.bits) > 1})
+    assert joint_t_max == t_max[:-1] and len(sweep.runs) == 63  # joint wherever fp32 does not fit everything
     assert len(t_max) >= 4 and all(c.model == "minilm" and len(c.channel.snr_db) == 1 for c in configs)
     for run in sweep.runs:  # every fp32 run exported at int8 post hoc; every joint run at its own precisions
         assert run.exports == ([8] if run.config.channel.bits == (32,) else ["run"])
@@ -43,7 +45,8 @@ def test_the_preset_spans_from_some_modules_at_rank_1_to_everything_fits():
 
     tightest, widest = budget(t_max[0]), budget(t_max[-1])
     assert tightest.max_uniform_rank() == 0 and not tightest.nothing_fits()  # some modules fit rank 1, not all
-    assert widest.max_uniform_rank() == 8  # everything fits at fp32
+    assert widest.max_uniform_rank() == 8  # everything fits at fp32 (and so every joint mode would choose fp32)
+    assert budget(t_max[-2]).max_uniform_rank() < 8
     assert 0 < budget(t_max[1]).max_uniform_rank() < budget(t_max[2]).max_uniform_rank() < 8
 
 

@@ -164,3 +164,18 @@ def test_quantisation_aware_training_changes_training_only_below_fp32(tiny_confi
     assert plain4 == plain32  # without QAT an int4 run trains exactly as fp32 (only its evaluation differs)
     assert qat4[0] == plain4[0]  # λ starts at 0, so ΔW = 0 whatever the codec does to P and Q ...
     assert qat4[1] != plain4[1]  # ... and from the first update on the forward sees int4 triplets
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "heuristic", "adalora"])
+def test_where_everything_fits_a_joint_run_is_the_rank_only_run(tiny_config, tmp_path, allocator):
+    """Every joint mode chooses fp32 at r_max when it fits: same ranks, same weights, same accuracy (the budget front
+    runs joint only where something does not fit)."""
+    base = merge(tiny_config, {"allocator": allocator, "channel.snr_db": [5.0], "channel.bandwidth_hz": 1e6,
+                               "train.steps": 10, "train.eval_every": 5})
+    one = run(base, tmp_path / "one")
+    joint = run(merge(base, {"channel.bits": list(ALL)}), tmp_path / "joint")
+    assert set(joint["precisions"].values()) == {32}
+    for key in ("ranks", "test_accuracy", "val_accuracy", "best_step", "final_step_ranks"):
+        assert one[key] == joint[key], key
+    with (tmp_path / "one" / "metrics.csv").open() as a, (tmp_path / "joint" / "metrics.csv").open() as b:
+        assert [r["loss"] for r in csv.DictReader(a)] == [r["loss"] for r in csv.DictReader(b)]

@@ -57,7 +57,7 @@ def front_table(rows: list[Row]) -> tuple[str, dict[str, Any]]:
     budgets = sorted({b for per in data.values() for b in per})
     t_of = {round(r["capacity_bps"] * r["t_max_s"] / 1e6, 6): r["t_max_s"] for r in rows}
     names = sorted(data)
-    lines = ["| method | " + " | ".join(f"{b:g} Mbit (T_max {t_of[b]:g} s)" for b in budgets) + " |",
+    lines = ["| method | " + " | ".join(f"{b:.3g} Mbit (T_max {t_of[b]:g} s)" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for name in names:
         cells = [mean_ci(list(data[name][b].values())).format(4) if b in data[name] else "–" for b in budgets]
@@ -79,7 +79,7 @@ def front_table(rows: list[Row]) -> tuple[str, dict[str, Any]]:
         check["rows"].append({"budget_mbit": b, "rank_only": r_best, "joint": j_best, "diff": diff.mean,
                               "diff_half_width": diff.half_width, "n": diff.n, "rank_only_loss": loss,
                               "recovered": recovered})
-        lines.append(f"| {b:g} | {r_best} | {j_best} | {diff.format(4)} | {loss:.4f} | "
+        lines.append(f"| {b:.3g} | {r_best} | {j_best} | {diff.format(4)} | {loss:.4f} | "
                      f"{'–' if np.isnan(recovered) else f'{recovered:.2f}'} |")
     never_below = all(r["diff"] + (r["diff_half_width"] if np.isfinite(r["diff_half_width"]) else 0) >= 0
                       for r in check["rows"])
@@ -93,7 +93,7 @@ def front_table(rows: list[Row]) -> tuple[str, dict[str, Any]]:
                      "budget; nothing to recover.")
     else:
         lines.append(f"Goal 2, at the tightest budget where rank-only loses ≥ {LOSS_POINTS * 100:g} points "
-                     f"({test['budget_mbit']:g} Mbit: {test['rank_only_loss'] * 100:.1f} points), joint recovers "
+                     f"({test['budget_mbit']:.3g} Mbit: {test['rank_only_loss'] * 100:.1f} points), joint recovers "
                      f"{test['recovered']:.2f} of the loss (goal ≥ 0.67): "
                      f"{'met' if test['recovered'] >= 2 / 3 else 'NOT met'}.")
     return "\n".join(lines), check
@@ -133,7 +133,7 @@ def joint_heatmaps(rows: list[Row], budget_mbit: float | None, path: Path) -> tu
         by_method.setdefault(r["method"], []).append(r)
     method = max(by_method, key=lambda m: float(np.mean([r["test_accuracy"] for r in by_method[m]])))
     run = min(by_method[method], key=lambda r: r["seed"])
-    panels = {f"{label(method)} joint, {budget:g} Mbit: rank": (run["ranks"], float(max(run["ranks"].values()) or 1)),
+    panels = {f"{label(method)} joint, {budget:.3g} Mbit: rank": (run["ranks"], float(max(run["ranks"].values()) or 1)),
               "bits per value": (run["precisions"], 32.0)}
     return heatmap_panels(panels, path, unit="rank / bits"), run
 
