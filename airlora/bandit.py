@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, PrecisionMap, StepOutcome, split_decision
 from airlora.channel import Budget
 from airlora.config import RunConfig
 from airlora.errors import AirloraError
@@ -80,13 +80,15 @@ class RankBandit:
         r = np.array([ranks[k] for k in self.keys])
         return self.u0 + float(np.sum(self.gains[:, -1] - self.gains[np.arange(len(self.keys)), r]))
 
-    def expected_reward(self, snr_db: float, ranks: RankMap) -> float:
-        """E[R] = −U − λ·η of ranks that are executed as given (project them first if they may not fit)."""
-        return -self.expected_loss(ranks) - self.reward_lambda * self.budgets[snr_db].eta(ranks)
+    def expected_reward(self, snr_db: float, ranks: RankMap, precisions: PrecisionMap | None = None) -> float:
+        """E[R] = −U − λ·η of ranks (and precisions; None: the highest) executed as given (project them first)."""
+        return -self.expected_loss(ranks) - self.reward_lambda * self.budgets[snr_db].eta(ranks, precisions)
 
-    def execute(self, snr_db: float, proposal: RankMap) -> RankMap:
-        """What the trainer would train and deliver: the proposal projected onto the SNR's budget."""
-        return self.budgets[snr_db].project(proposal)
+    def execute(self, snr_db: float, decision: Decision) -> tuple[RankMap, PrecisionMap]:
+        """What the trainer would train and deliver: the decision projected onto the SNR's budget (jointly: with
+        several allowed precisions the projection lowers precision before it cuts ranks). U ignores precision."""
+        ranks, precisions = split_decision(decision)
+        return self.budgets[snr_db].project_joint(ranks, precisions)
 
     # ----- reference allocations ------------------------------------------------------------------------------
     def uniform(self, snr_db: float) -> RankMap:
@@ -96,17 +98,19 @@ class RankBandit:
     def optimum(self, snr_db: float) -> tuple[RankMap, float]:
         """The feasible rank vector of highest expected reward at ``snr_db`` and that reward (exact, cached).
 
-        value_m(r) = gain_m(r) − λ·r·cost_m·b/(C·T_max) is separable, and feasibility is Σ r_m·cost_m ≤ room, so
-        this is a bounded knapsack: dynamic programming over the used parameters in units of gcd(costs).
+        value_m(r) = gain_m(r) − λ·r·u_m·/(C·T_max), u_m the on-air bits per unit rank, is separable, and
+        feasibility is Σ r_m·u_m ≤ room, so this is a bounded knapsack: dynamic programming over the used bits in
+        units of gcd(u). With several allowed precisions every module is taken at the lowest (U ignores precision),
+        an upper bound on what the projection's choice of precisions can reach.
         """
         if snr_db in self._optima:
             return self._optima[snr_db]
         budget = self.budgets[snr_db]
-        costs = budget.costs
-        per_param = self.reward_lambda * budget.bits_per_param / (budget.capacity_bps * budget.t_max_s)
+        costs = budget.unit_bits[:, 0]  # U ignores precision, so every module is cheapest at the lowest
+        per_bit = self.reward_lambda / (budget.capacity_bps * budget.t_max_s)
         r = np.arange(self.r_max + 1)
-        value = self.gains - per_param * r[None, :] * costs[:, None]  # (M, R + 1)
-        room = budget.room(dict.fromkeys(self.keys, 0))
+        value = self.gains - per_bit * r[None, :] * costs[:, None]  # (M, R + 1)
+        room = budget.room_bits(dict.fromkeys(self.keys, 0), self._lowest)
         if room < 0:
             best = np.zeros(len(self.keys), dtype=np.int64)
         elif int(costs.sum()) * self.r_max <= room:  # everything fits: each module on its own
@@ -114,14 +118,17 @@ class RankBandit:
         else:
             best = _knapsack(value, costs, room)
         ranks = {k: int(v) for k, v in zip(self.keys, best, strict=True)}
-        self._optima[snr_db] = (ranks, self.expected_reward(snr_db, ranks))
+        self._optima[snr_db] = (ranks, self.expected_reward(snr_db, ranks, self._lowest))
         return self._optima[snr_db]
 
-    def gap_closed(self, snr_db: float, ranks: RankMap) -> tuple[float, float, float]:
-        """(E[R] of the executed ranks, of uniform, of the optimum) at ``snr_db``."""
-        executed = self.execute(snr_db, ranks)
-        return (self.expected_reward(snr_db, executed), self.expected_reward(snr_db, self.uniform(snr_db)),
-                self.optimum(snr_db)[1])
+    @property
+    def _lowest(self) -> PrecisionMap:
+        first = next(iter(self.budgets.values()))
+        return dict.fromkeys(self.keys, first.allowed_bits[0])
+
+    def uniform_reward(self, snr_db: float) -> float:
+        """E[R] of the uniform allocation, executed (at the highest precision, lowered where it must be)."""
+        return self.expected_reward(snr_db, *self.execute(snr_db, self.uniform(snr_db)))
 
 
 def _knapsack(value: np.ndarray, costs: np.ndarray, room: int) -> np.ndarray:
@@ -180,12 +187,12 @@ def drive(bandit: RankBandit, allocator: Allocator, episodes: int, episode_steps
     for step in range(total):
         snr_db = bandit.snr_values[int(rng.integers(len(bandit.snr_values)))]
         ctx = _context(bandit, step, total, snr_db, ranks, rng)
-        ranks = bandit.execute(snr_db, allocator.allocate(ctx))
+        ranks, precisions = bandit.execute(snr_db, allocator.allocate(ctx))
         loss = bandit.expected_loss(ranks)
-        eta = bandit.budgets[snr_db].eta(ranks)
+        eta = bandit.budgets[snr_db].eta(ranks, precisions)
         noisy_loss = loss + bandit.noise_std * float(rng.standard_normal())
         reward = -noisy_loss - bandit.reward_lambda * eta
-        allocator.observe(StepOutcome(step, noisy_loss, reward, eta, ranks, None))
+        allocator.observe(StepOutcome(step, noisy_loss, reward, eta, ranks, None, precisions))
         rewards.append(reward)
         expected.append(-loss - bandit.reward_lambda * eta)
         if (step + 1) % episode_steps == 0 and (step + 1) // episode_steps in evaluate_at:
@@ -204,8 +211,7 @@ def evaluate(bandit: RankBandit, allocator: Allocator, step: int, total: int, ra
         ctx = AllocationContext(step, snr_db, bandit.budgets[snr_db], float(np.mean(bandit.entropy_range)),
                                 float(np.mean(bandit.oov_range)), ranks, bandit.bandwidth_hz,
                                 min(step / max(total, 1), 1.0))
-        executed = bandit.execute(snr_db, allocator.deliver(ctx))
-        out[snr_db] = bandit.expected_reward(snr_db, executed)
+        out[snr_db] = bandit.expected_reward(snr_db, *bandit.execute(snr_db, allocator.deliver(ctx)))
     return out
 
 
@@ -218,7 +224,7 @@ def _context(bandit: RankBandit, step: int, total: int, snr_db: float, ranks: Ra
 def share_of_gap(bandit: RankBandit, per_snr: dict[float, float]) -> float:
     """(E[R] − E[R_uniform]) / (E[R_opt] − E[R_uniform]), each averaged over the SNRs (0 uniform, 1 optimum)."""
     got = float(np.mean([per_snr[s] for s in bandit.snr_values]))
-    uni = float(np.mean([bandit.expected_reward(s, bandit.uniform(s)) for s in bandit.snr_values]))
+    uni = float(np.mean([bandit.uniform_reward(s) for s in bandit.snr_values]))
     opt = float(np.mean([bandit.optimum(s)[1] for s in bandit.snr_values]))
     if not opt > uni:
         return math.nan

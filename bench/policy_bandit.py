@@ -73,7 +73,7 @@ def reference_shares(sigma: float) -> dict[str, float]:
     for snr in bandit.snr_values:
         draws = [dict(zip(bandit.keys, map(int, rng.integers(0, bandit.r_max + 1, len(bandit.keys))), strict=True))
                  for _ in range(200)]
-        random_per_snr[snr] = float(np.mean([bandit.expected_reward(snr, bandit.execute(snr, d)) for d in draws]))
+        random_per_snr[snr] = float(np.mean([bandit.expected_reward(snr, *bandit.execute(snr, d)) for d in draws]))
     oracle = {}
     for snr in bandit.snr_values:
         budget = bandit.budgets[snr]

@@ -77,3 +77,39 @@ def test_ppo_variant_needs_the_full_action_dim(tiny_config, tmp_path):
     with pytest.raises(AirloraError, match="coarse_dim = 3: the 'ppo' variant acts on the full rank vector"):
         run(config, tmp_path)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_joint_mode_prices_ranks_at_the_precisions_the_projection_will_choose(tiny_config, tmp_path):
+    # 4 and 32 bits allowed: the policy's geometry must agree with Budget.project_joint, which keeps fp32 while the
+    # ranks fit there, lowers precision before cutting ranks, and cuts only what does not fit even at 4 bits
+    import dataclasses
+
+    config = merge(tiny_config, {"allocator": "airllm", "channel.bits": [4, 32], "channel.delivery_snr_db": 5.0,
+                                 "train.steps": 6, **SMALL_POLICY})
+    session = build_session(config)
+    from airlora.trainer import context
+
+    session.allocator.allocate(context(session, 0, session.adapters.ranks()))
+    geometry = session.allocator.policy.geometry
+    budget = session.budget(5.0)
+    torch.testing.assert_close(geometry.bits_low, torch.tensor(budget.unit_bits[:, 0], dtype=torch.float32))
+    room = budget.capacity_bps * budget.t_max_s - budget.reserved_bits
+    per_rank_32, per_rank_4 = budget.unit_bits[:, -1].sum(), budget.unit_bits[:, 0].sum()
+    fits_32 = int(room // per_rank_32)
+    assert 1 <= fits_32 < budget.r_max and (fits_32 + 1) * per_rank_4 <= room  # the fixture allows all three cases
+    # a link where not even r_max at 4 bits fits: half of what it needs
+    small = dataclasses.replace(budget, capacity_bps=(budget.r_max * per_rank_4 / 2 + budget.reserved_bits)
+                                / budget.t_max_s)
+    for level, link in ((fits_32, budget), (fits_32 + 1, budget), (budget.r_max, small)):
+        ranks = torch.full((1, len(budget.keys)), float(level))
+        capacity = torch.tensor([link.capacity_bps])
+        executed = geometry.executed(ranks, capacity)
+        projected, precisions = link.project_joint(dict.fromkeys(budget.keys, level))
+        cut = sum(projected.values()) < level * len(budget.keys)
+        assert cut == (link is small) and bool(float(executed.sum()) < ranks.sum() - 1e-6) == cut
+        assert set(precisions.values()) == ({32} if level == fits_32 else {4} if cut else {4, 32})
+        # η as the policy prices it, against the projection's real η: the projection lowers whole modules, so it
+        # fills the budget only to within one module's saving (7 % on this 12-module model)
+        assert float(geometry.eta(executed, capacity)) == pytest.approx(link.eta(projected, precisions), abs=0.1)
+    summary = run(config, tmp_path)
+    assert summary["budget_ok"] and set(summary["precisions"].values()) <= {4, 32}

@@ -119,7 +119,7 @@ def evaluate_ranks(bandit, allocator):
     out = {}
     for snr in bandit.snr_values:
         ctx = AllocationContext(0, snr, bandit.budgets[snr], 0.75, 0.05, dict.fromkeys(bandit.keys, 1), 1e6, 1.0)
-        out[snr] = bandit.execute(snr, allocator.deliver(ctx))
+        out[snr] = bandit.execute(snr, allocator.deliver(ctx))[0]
     return out
 
 

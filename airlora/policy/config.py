@@ -105,8 +105,10 @@ class DiffusionConfig:
     """Size of the sinusoidal timestep embedding e_τ (paper Eq. 15)."""
     train_timesteps: int = 1000
     """Diffusion steps T of the training schedule (paper: 600, 800 or 1000)."""
-    inference_steps: int = 50
-    """Reverse steps T_diff at sampling time (paper: 30, 50 or 100)."""
+    inference_steps: int = 30
+    """Reverse steps T_diff at sampling time (paper: 30, 50 or 100). 30: a decision (8 candidates, half the chain
+    from the coarse action) takes ~2.2 ms on one core here instead of ~3.4 ms at 16 candidates and 50 steps, and
+    the bandit measured no loss from it."""
     beta_schedule: BetaSchedule = "linear"
     """Noise schedule; 'linear' and 'scaled_linear' betas are scaled by 1000/T so every T spans the same noise range."""
     prediction_type: PredictionType = "epsilon"
@@ -228,9 +230,11 @@ class PolicyConfig:
     """Additive critic: prior precision of each weight, in units of one observation."""
     critic_memory_steps: int | None = None
     """Additive critic: forget old observations with this time constant (in steps); None keeps them all."""
-    candidates: int = 16
+    candidates: int = 8
     """Refined actions sampled per decision (one batched reverse chain); the one the critic scores best is taken.
-    Diffusion policies choose among samples by a critic this way (IDQL, Diffusion-QL's evaluation)."""
+    Diffusion policies choose among samples by a critic this way (IDQL, Diffusion-QL's evaluation). On the bandit
+    at σ = 0.1 (3 seeds, 30 reverse steps) 8 closed 0.46 of the gap by 300 episodes and 0.67 by 1,000, 4 closed
+    0.21 and 0.68; 16 (50 steps) 0.33 and 0.57."""
     exploration: Literal["ucb", "thompson"] = "thompson"
     """How training decisions explore through the critic: 'thompson' scores by one draw from the additive critic's
     posterior per decision, 'ucb' by mean + explore_bonus·std (the 'mlp' critic always uses 'ucb'). On the bandit

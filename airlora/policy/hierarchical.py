@@ -43,26 +43,40 @@ POLICY_FORMAT = "airlora-policy/2"
 
 @dataclass(frozen=True)
 class Geometry:
-    """The budget as the policy sees it: bits per unit rank of each module, what is always sent, T_max."""
+    """The budget as the policy sees it: on-air bits per unit rank of each module, what is always sent, T_max.
+
+    The policy chooses ranks; with several allowed precisions the trainer's joint projection picks them (the highest
+    at which the ranks fit, lowered module by module where they do not; ``Budget.project_joint``), so a rank vector
+    executes at ``bits_high`` per unit rank while it fits there and fills the budget at lower precisions while it
+    fits at ``bits_low``; beyond that its ranks are cut. With one precision the two are the same.
+    """
 
     bits_per_rank: Tensor
-    """(D,) float32: cost_m·b."""
+    """(D,) float32: on-air bits per unit rank at the highest allowed precision."""
     reserved_bits: float
-    """Bits always sent (the task head)."""
+    """Bits always sent (the task head and the delivery's overhead reserve)."""
     t_max_s: float
     r_max: int
+    bits_low: Tensor | None = None
+    """(D,) float32: the same at the lowest allowed precision; None means one precision."""
 
     def executed(self, ranks: Tensor, capacity: Tensor) -> Tensor:
-        """The ranks the budget lets through, differentiable: scaled down to fit when they do not (the first stage
-        of ``Budget.project``): (B, D) continuous ranks, (B,) capacity bit/s -> (B, D)."""
-        bits = ranks @ self.bits_per_rank  # (B,)
-        room = (capacity * self.t_max_s - self.reserved_bits).clamp_min(0)
-        scale = (room / bits.clamp_min(1e-9)).clamp(max=1.0)
+        """The ranks the budget lets through, differentiable: scaled down to fit at the lowest precision when they do
+        not (the rank stage of the projection): (B, D) continuous ranks, (B,) capacity bit/s -> (B, D)."""
+        low = self.bits_per_rank if self.bits_low is None else self.bits_low
+        ranks = ranks.to(low.dtype)
+        bits = ranks @ low  # (B,)
+        scale = (self._room(capacity) / bits.clamp_min(1e-9)).clamp(max=1.0)
         return ranks * scale[:, None]
 
     def eta(self, ranks: Tensor, capacity: Tensor) -> Tensor:
-        """η = bits / (C·T_max) of (B, D) ranks at (B,) capacities -> (B,)."""
-        return (ranks @ self.bits_per_rank + self.reserved_bits) / (capacity * self.t_max_s)
+        """η = bits / (C·T_max) of (B, D) executed ranks at (B,) capacities -> (B,): at the highest precision while
+        they fit there, else the budget filled (the projection lowers precisions until they fit)."""
+        used = torch.minimum(ranks.to(self.bits_per_rank.dtype) @ self.bits_per_rank, self._room(capacity))
+        return (used + self.reserved_bits) / (capacity.to(used.dtype) * self.t_max_s)
+
+    def _room(self, capacity: Tensor) -> Tensor:
+        return (capacity.to(self.bits_per_rank.dtype) * self.t_max_s - self.reserved_bits).clamp_min(0)
 
 
 def continuous_ranks(x: Tensor, r_max: int) -> Tensor:
@@ -152,24 +166,27 @@ class RankPolicy:
         cfg, g = self.config, self.geometry
         values = self.critic.module_values(beta, weights)  # (M, G)
         width = float(self.critic.knots[1] - self.critic.knots[0])
-        bits = g.bits_per_rank.double().numpy()
+        bits = g.bits_per_rank.double().numpy()  # at the highest precision
+        low = bits if g.bits_low is None else g.bits_low.double().numpy()  # at the lowest
         room = max(capacity_bps * g.t_max_s - g.reserved_bits, 0.0)
         per_bit = self.reward_lambda / (capacity_bps * g.t_max_s)
         rows = np.arange(values.shape[0])
         top_knot = values.shape[1] - 1
 
         def objective(r: np.ndarray) -> tuple[float, np.ndarray]:
-            used = float(r @ bits)
+            used = float(r @ low)
             scale = min(1.0, room / used) if used > 0 else 1.0
-            e = r * scale  # executed ranks
+            e = r * scale  # executed ranks (Geometry.executed)
             pos = e / width
             k = np.minimum(np.floor(pos).astype(np.int64), top_knot - 1)
             frac = pos - k
             slope = (values[rows, k + 1] - values[rows, k]) / width  # (M,)
-            total = float(np.sum(values[rows, k] + frac * width * slope)) - per_bit * float(e @ bits)
-            grad_e = slope - per_bit * bits
-            if scale < 1:  # e = r·room/(r·bits): ∂e_i/∂r_j = scale·(δ_ij − r_i·bits_j/(r·bits))
-                grad_e = scale * (grad_e - bits * float(grad_e @ r) / used)
+            high = float(e @ bits)
+            fits_high = high <= room  # η of Geometry.eta: at the highest precision, or the budget filled
+            total = float(np.sum(values[rows, k] + frac * width * slope)) - per_bit * (high if fits_high else room)
+            grad_e = slope - per_bit * bits if fits_high else slope
+            if scale < 1:  # e = r·room/(r·low): ∂e_i/∂r_j = scale·(δ_ij − r_i·low_j/(r·low))
+                grad_e = scale * (grad_e - low * float(grad_e @ r) / used)
             return total, grad_e
 
         current = ranks.double().numpy()

@@ -36,7 +36,7 @@ def decide(w, s):
 for step in range(15000):
     s = b.snr_values[rng.integers(5)]
     u = b.uniform(s)[b.keys[0]]
-    ex = b.execute(s, {k: int(np.clip(np.round(u + spread * rng.standard_normal()), 0, R)) for k in b.keys})
+    ex = b.execute(s, {k: int(np.clip(np.round(u + spread * rng.standard_normal()), 0, R)) for k in b.keys})[0]
     r = np.array([ex[k] for k in b.keys], dtype=float)
     phi = np.r_[1, (s + 20) / 60, rng.uniform(.6, .9), rng.uniform(0, .1), 0.75, step / 15000,
                 np.clip(1 - np.abs(r[:, None] - np.arange(G)[None]), 0, None).ravel()]
@@ -45,5 +45,5 @@ for step in range(15000):
     moment += phi * y
     if step + 1 in (1500, 4500, 15000):
         w = np.linalg.solve(prior + gram, moment)[6:].reshape(M, G)
-        per = {s: b.expected_reward(s, b.execute(s, decide(w, s))) for s in b.snr_values}
+        per = {s: b.expected_reward(s, *b.execute(s, decide(w, s))) for s in b.snr_values}
         print((step + 1) // 15, "share", round(share_of_gap(b, per), 3), flush=True)

@@ -40,12 +40,12 @@ for step in range(15000):
     s = b.snr_values[rng.integers(5)]
     u = b.uniform(s)[b.keys[0]]
     prop = {k: int(np.clip(np.round(u + spread * rng.standard_normal()), 0, R)) for k in b.keys}
-    ex = b.execute(s, prop)
+    ex = b.execute(s, prop)[0]
     r = np.array([ex[k] for k in b.keys], dtype=float)
     H_.append(hat(r)); heads.append([1, (s+20)/60, 0.6, rng.uniform(.6,.9), rng.uniform(0,.1), step/15000]); Y.append(-(b.expected_loss(ex) + sigma * rng.standard_normal()))
     if step + 1 in (1500, 4500, 15000):
         a, shape = fit()
         g = a[:, None] * shape[None]
-        per = {s: b.expected_reward(s, b.execute(s, decide(g - g[:, :1], s))) for s in b.snr_values}
+        per = {s: b.expected_reward(s, *b.execute(s, decide(g - g[:, :1], s))) for s in b.snr_values}
         true_a = b.gains[:, -1]
         print((step + 1) // 15, "share", round(share_of_gap(b, per), 3), "a corr", round(np.corrcoef(a, true_a)[0,1], 3), "shape", np.round(shape, 2), flush=True)

@@ -18,12 +18,12 @@ for step in range(15000):
     s = b.snr_values[rng.integers(5)]
     u = b.uniform(s)[b.keys[0]]
     prop = {k: int(np.clip(np.round(u + spread * rng.standard_normal()), 0, R)) for k in b.keys}
-    ex = b.execute(s, prop)
+    ex = b.execute(s, prop)[0]
     r = np.array([ex[k] for k in b.keys])
     X.append(np.r_[1.0, np.exp(-r / 2.0)]); Y.append(-(b.expected_loss(ex) + sigma * rng.standard_normal()))
     if step + 1 in (1500, 4500, 15000):
         A = np.array(X); y = np.array(Y)
         coef = np.linalg.solve(A.T @ A + 1e-3 * np.eye(M + 1), A.T @ y)
         wh = -coef[1:]
-        per = {s: b.expected_reward(s, b.execute(s, decide(np.clip(wh, 0, None), s))) for s in b.snr_values}
+        per = {s: b.expected_reward(s, *b.execute(s, decide(np.clip(wh, 0, None), s))) for s in b.snr_values}
         print((step + 1) // 15, "share", round(share_of_gap(b, per), 3), "w corr", round(np.corrcoef(wh, b.gains[:, -1] / (1 - np.exp(-4)))[0, 1], 3))

@@ -15,6 +15,6 @@ for eps in (0.0005, 0.001, 0.002, 0.003, 0.005):
     for rep in range(3):
         noise = eps * rng.standard_normal((M, R + 1)); noise[:, 0] = 0
         g = b.gains + noise
-        per = {s: b.expected_reward(s, b.execute(s, decide(g, s))) for s in b.snr_values}
+        per = {s: b.expected_reward(s, *b.execute(s, decide(g, s))) for s in b.snr_values}
         shares.append(share_of_gap(b, per))
     print(eps, np.round(shares, 3))
