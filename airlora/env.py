@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
 from airlora.session import Session
 from airlora.state import HEAD_FEATURES, state_vector
 from airlora.trainer import FineTuner
@@ -62,6 +63,12 @@ class RankAllocationEnv(gym.Env):
         return state_vector(s.snr.snr_db(self.global_step), s.bandwidth_hz, batch.lexical_entropy,
                             batch.oov_rate, ranks, self.r_max, self.global_step / s.config.train.steps)
 
+    def context(self) -> AllocationContext:
+        """What an airlora ``Allocator`` sees before the next step: the same context the trainer builds."""
+        from airlora.trainer import context
+
+        return context(self.session, self.global_step, self.session.adapters.ranks())
+
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """Start a new episode; with a ``seed``, restart the fine-tuning run itself (see the module docstring)."""
         super().reset(seed=seed)
@@ -89,3 +96,27 @@ class RankAllocationEnv(gym.Env):
         info = {"loss": loss, "eta": eta, "snr_db": snr_db, "airtime_s": budget.airtime_s(ranks, precisions),
                 "budget_ok": budget.feasible(ranks, precisions), "ranks": ranks, "precisions": precisions}
         return self._observation(), float(reward), terminated, truncated, info
+
+
+def drive_env(env: RankAllocationEnv, allocator: Allocator, steps: int) -> list[float]:
+    """Run an airlora allocator as the agent of ``env`` for ``steps`` steps through its own calls: ``allocate`` on
+    the env's context, ``env.step`` with the proposed ranks, ``observe`` with the step's outcome. Returns the rewards.
+
+    So the trainer, this environment and the bandit (``airlora.bandit.drive``) drive an allocator the same way. The
+    env picks precisions by its projection; ``outcome.model`` is the env's model, gradients dropped already.
+    """
+    from airlora.allocators.base import split_decision
+
+    rewards = []
+    for _ in range(steps):
+        ctx = env.context()
+        ranks, _ = split_decision(allocator.allocate(ctx))
+        _, reward, terminated, truncated, info = env.step(np.array([ranks[k] for k in env.keys]))
+        allocator.observe(StepOutcome(ctx.step, info["loss"], reward, info["eta"], info["ranks"], env.session.model,
+                                      info["precisions"]))
+        rewards.append(reward)
+        if terminated:
+            break
+        if truncated:
+            env.reset()
+    return rewards

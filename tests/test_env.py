@@ -38,3 +38,22 @@ def test_state_vector_is_normalised():
     assert np.all((s >= 0) & (s <= 1))
     np.testing.assert_allclose(s[4:], [0.25, 0, 0.5, 1])
     assert state_vector(-100.0, 1.0, float("nan"), 2.0, [9], 8, progress=3.0).tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_an_airlora_allocator_drives_the_env_through_its_own_calls(tiny_config):
+    from airlora.allocators import make_allocator
+    from airlora.config import merge
+    from airlora.env import drive_env
+
+    config = merge(tiny_config, {"allocator": "airllm", "train.steps": 8, "policy.episode_steps": 3,
+                                 "policy.ppo.hidden": 16, "policy.diffusion.hidden": 16,
+                                 "policy.diffusion.train_timesteps": 100, "policy.diffusion.inference_steps": 10})
+    env = RankAllocationEnv(build_session(config), episode_steps=3)
+    env.reset(seed=0)
+    allocator = make_allocator(config)
+    rewards = drive_env(env, allocator, steps=7)
+    assert len(rewards) == 7 and len(allocator.decision_s) == 7
+    assert len(allocator.metrics) == 2  # two episodes learned, the second once step 7's decision was made
+    assert allocator.policy.critic.count == 7
+    recorded = allocator.policy.buffer["reward"][:7].tolist()
+    np.testing.assert_allclose(recorded, rewards, rtol=1e-6)  # what the policy learned from is the env's reward
