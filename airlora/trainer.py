@@ -21,7 +21,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from airlora.adapters import forget_momentum
-from airlora.allocators import AllocationContext, StepOutcome, split_decision
+from airlora.allocators import AllocationContext, StepOutcome
+from airlora.allocators.base import call, checked_decision
 from airlora.batching import Batch
 from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng_state
 from airlora.errors import AirloraError
@@ -219,7 +220,8 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         t0 = time.perf_counter()
         proposed = ranks, precisions
         if step % cfg.train.allocate_every == 0:
-            proposed = split_decision(allocator.allocate(context(session, step, ranks, batch, precisions)))
+            decision = call(allocator, "allocate", context(session, step, ranks, batch, precisions), step=step)
+            proposed = checked_decision(decision, budget, allocator, "allocate", step)
         decision_s = time.perf_counter() - t0
         ranks, precisions = budget.project_joint(*proposed)  # never train on, or deliver, what breaks this budget
         tuner.apply(ranks, precisions)
@@ -243,7 +245,8 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         step_s = time.perf_counter() - t1
         eta = budget.eta(ranks, precisions)
         reward = -task_loss - cfg.train.reward_lambda * eta
-        allocator.observe(StepOutcome(step, task_loss, reward, eta, ranks, session.model, precisions))  # it learns
+        outcome = StepOutcome(step, task_loss, reward, eta, ranks, session.model, precisions)
+        call(allocator, "observe", outcome, step=step)  # it learns
         tuner.zero_grad()
         update_s = time.perf_counter() - t1 - step_s
         loop.rewards_since_eval.append(reward)
@@ -321,7 +324,8 @@ def delivery_decision(session: Session, snr_db: float, step: int, ranks: dict[st
     oov = float(np.mean([r["oov_rate"] for r in rows])) if rows else 0.0
     ctx = AllocationContext(step, snr_db, budget, entropy, oov, ranks, session.bandwidth_hz,
                             min(step / session.config.train.steps, 1.0), precisions)
-    return budget.project_joint(*split_decision(session.allocator.deliver(ctx)))
+    decision = call(session.allocator, "deliver", ctx, step=step)
+    return budget.project_joint(*checked_decision(decision, budget, session.allocator, "deliver", step))
 
 
 def delivery_ranks(session: Session, snr_db: float, step: int, ranks: dict[str, int],
@@ -360,7 +364,7 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "head": {k: p.detach().cpu().clone() for k, p in session.head.items()},
         "optimizer": tuner.optimizer.state_dict(),
         "scheduler": tuner.scheduler.state_dict(),
-        "allocator": session.allocator.state_dict(),
+        "allocator": call(session.allocator, "state_dict", step=loop.step),
         "rng": rng_state(),
     }
 
@@ -376,8 +380,8 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
     tuner.optimizer.load_state_dict(state["optimizer"])
     tuner.scheduler.load_state_dict(state["scheduler"])
     step = state["step"]
-    session.allocator.load_state_dict(state["allocator"], context(session, step, session.adapters.ranks()),
-                                      session.model)
+    call(session.allocator, "load_state_dict", state["allocator"], context(session, step, session.adapters.ranks()),
+         session.model, step=step)
     set_rng_state(state["rng"])  # last: building the allocator's networks draws from the global RNG
     best = state["best"]
     return LoopState(

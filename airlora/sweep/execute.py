@@ -29,8 +29,9 @@ from airlora.sweep.grid import PlannedRun, Sweep
 from airlora.sweep.rows import failed_row, finished_row
 
 Outcome = dict[str, Any]
-Job = tuple[str, dict[str, Any], str, list[int | str], str]
-"""(run id, config as plain data, run folder, post-hoc exports still to do, their folder)."""
+Job = tuple[str, dict[str, Any], str, list[int | str], str, dict[str, str]]
+"""(run id, config as plain data, run folder, post-hoc exports still to do, their folder, the in-process allocator
+registrations the worker repeats: name -> "module:Class")."""
 
 
 def export_label(export: int | str) -> str:
@@ -77,11 +78,15 @@ def posthoc_export(run_dir: Path, export: int | str, folder: Path) -> dict[str, 
 
 
 def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] | None = None,
-            posthoc_dir: str | None = None) -> Outcome:
+            posthoc_dir: str | None = None, plugins: dict[str, str] | None = None) -> Outcome:
     """Worker body: one `airlora run` (unless it already finished), then its post-hoc exports; any error is written to
-    ``failed.json`` (the run's) or the export's record and returned, never raised."""
+    ``failed.json`` (the run's) or the export's record and returned, never raised. ``plugins``: allocators the
+    parent registered in process, registered here again (a worker is a fresh process; entry points it finds itself)."""
+    from airlora import registry
     from airlora.run import run
 
+    for name, path in (plugins or {}).items():
+        registry.register(name, path, replace=True)
     out = Path(run_dir)
     config = from_dict(RunConfig, config_data)
     if not (out / "summary.json").is_file():
@@ -159,6 +164,7 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
     if backend not in ("local", "ray"):
         raise AirloraError(f"--backend {backend!r} is not allowed; expected 'local' or 'ray'")
     out = Path(out)
+    plugins = worker_plugins(sweep)
     workers, threads = plan_threads(workers or sweep.workers, sweep.threads_per_run)
     planned = {run.run_id: run for run in sweep.runs}
     write_json_atomic(out / "plan.json", {
@@ -173,7 +179,7 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
         if rid in rows and not exports:
             continue
         config = merge(run.config, {"train.threads": threads, "train.progress": False})
-        todo.append((rid, config.to_dict(), str(out / "runs" / rid), exports, str(out / "posthoc" / rid)))
+        todo.append((rid, config.to_dict(), str(out / "runs" / rid), exports, str(out / "posthoc" / rid), plugins))
     _write_rows(out, rows, planned)
 
     jobs = _local(todo, workers) if backend == "local" else _ray(todo, threads, address)
@@ -194,6 +200,25 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
             on_result(rid, outcome)
     bar.close()
     return [rows[rid] for rid in planned if rid in rows]
+
+
+def worker_plugins(sweep: Sweep) -> dict[str, str]:
+    """The in-process allocator registrations the sweep's runs use, as paths a worker process can import; a class
+    it cannot import (made in ``__main__`` or in a function) is an error before anything runs."""
+    from airlora import registry
+
+    used = {run.config.allocator for run in sweep.runs}
+    out = {}
+    for name, target in registry.registered().items():
+        if name not in used:
+            continue
+        path = registry.importable(target)
+        if path is None:
+            raise AirloraError(f"allocator {name!r} is registered in process from {target!r}, which a sweep's worker "
+                               "processes cannot import; define it in an importable module or install it as an entry "
+                               f"point of the group '{registry.ENTRY_POINT_GROUP}'")
+        out[name] = path
+    return out
 
 
 def _write_rows(out: Path, rows: dict[str, dict[str, Any]], planned: dict[str, PlannedRun]) -> None:
