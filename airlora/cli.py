@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
                      help="set any config value, e.g. --set train.lr=1e-3 (repeatable; also on --resume)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--report-to", choices=["auto", "tensorboard", "wandb", "none"],
+                     help="live log: TensorBoard event files in OUT/tensorboard, an offline wandb run in OUT/wandb, or "
+                          "none (default auto: TensorBoard when installed)")
     run.add_argument("--match-bits-of", metavar="RUN_DIR",
                      help="adalora: set the final adapter's on-air bits to those of another finished run")
     _add_channel_flags(run)
@@ -136,6 +139,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "bandwidth_hz": "channel.bandwidth_hz", "t_max_s": "channel.t_max_s", "fading": "channel.fading",
         "r_max": "adapter.r_max", "model": "model",
         "policy_variant": "policy.variant", "policy_path": "policy.load_path", "episodes": "policy.pretrain.episodes",
+        "report_to": "train.report_to",
     }
     out = {path: getattr(args, name) for name, path in pairs.items() if getattr(args, name, None) is not None}
     if args.snr_db is not None:

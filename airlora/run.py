@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,22 +19,28 @@ from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
 from airlora.deliveries import per_snr_deliveries
 from airlora.errors import AirloraError
-from airlora.io import write_csv_atomic, write_json_atomic
+from airlora.io import write_json_atomic
 from airlora.session import Session, build_session
-from airlora.trainer import METRIC_COLUMNS, TrainResult, evaluate, restore, train
+from airlora.tracking import TENSORBOARD_DIR, WANDB_DIR, Tracker, open_tracker, resolve_report_to
+from airlora.trainer import TrainResult, evaluate, restore, train, write_step_files
 
-RUN_FILES = ("config.json", "metrics.csv", "summary.json", "adapter.safetensors", "checkpoint.json",
-             "policy.pt", "policy_metrics.csv")
+RUN_FILES = ("config.json", "metrics.csv", "ranks.csv", "precisions.csv", "summary.json", "adapter.safetensors",
+             "checkpoint.json", "policy.pt", "policy_metrics.csv", "report.md")
 """Every file name a run writes into its folder (policy.*: the airllm allocator's ``save``), besides these patterns."""
 RUN_FILE_PATTERNS = ("checkpoint-*.pt", ".*.tmp")
 """Checkpoints, and the temporary files of atomic writes a killed run can leave."""
+RUN_DIRS = (TENSORBOARD_DIR, WANDB_DIR, "figures")
+"""Folders a run writes (its live logs, ``airlora.tracking``) or that are made from it (``airlora report RUN``'s
+figures, with report.md among RUN_FILES): replaced with the run by ``--overwrite``."""
 
 
 def run_files(out: Path) -> tuple[list[Path], list[str]]:
-    """The files of ``out`` a run writes, and the names of every other entry (sorted)."""
+    """The files and folders of ``out`` a run writes, and the names of every other entry (sorted)."""
     ours = {out / name for name in RUN_FILES} | {p for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern)}
+    folders = {out / name for name in RUN_DIRS}
     entries = list(out.iterdir()) if out.is_dir() else []
-    return sorted(p for p in entries if p in ours and p.is_file()), sorted(p.name for p in entries if p not in ours)
+    mine = [p for p in entries if (p in ours and p.is_file()) or (p in folders and p.is_dir())]
+    return sorted(mine), sorted(p.name for p in entries if p not in mine)
 
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -65,7 +72,10 @@ def start_out_dir(out: Path, overwrite: bool) -> None:
         remove_checkpoints(out)
         (out / "summary.json").unlink(missing_ok=True)  # first: a folder without it is no finished run
         for path in run_files(out)[0]:
-            path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _read_config_json(out: Path) -> dict[str, Any]:
@@ -89,7 +99,8 @@ def saved_history(out: Path) -> list[dict[str, Any]]:
 
 
 RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.checkpoint_every",
-                     "train.patience", "train.progress", "train.threads", "train.device", "train.autocast")
+                     "train.patience", "train.progress", "train.threads", "train.device", "train.autocast",
+                     "train.report_to")
 """Settings a resumed run may change: none of them changes the steps already run, only the ones to come.
 
 The lr schedule goes on from where it stood (see ``continue_schedule``); every change is recorded in config.json's
@@ -142,15 +153,19 @@ def continue_schedule(state: dict[str, Any], saved: RunConfig, config: RunConfig
         groups[g]["lr"] = scheduler["_last_lr"][g] = base * new_factor
 
 
-def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
+        command: str | None = None) -> dict[str, Any]:
     """Run one fine-tuning job end to end and return its summary (also written to ``out``).
 
     ``resume`` continues the run in ``out`` from its last checkpoint (or from the start when it was stopped before
-    its first one); a folder without the config.json of a started run is an error.
+    its first one); a folder without the config.json of a started run is an error. ``command``: the command line
+    that started it, kept in the summary (the model card quotes it).
     """
     started = time.perf_counter()
     out = Path(out)
     prepare_out_dir(out, overwrite, resume)
+    backend = resolve_report_to(config.train.report_to)
+    at = None
     checkpoint, history = None, []
     if resume:
         saved, history = saved_config(out), saved_history(out)
@@ -165,9 +180,27 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
         history += [{"step": at, **change} for change in changes]
     session = build_session(config)
     start_out_dir(out, overwrite)
-    write_json_atomic(out / "config.json", resolved_config(session) | {"history": history})
-    result = train(session, out, checkpoint)
-    write_csv_atomic(out / "metrics.csv", result.rows, METRIC_COLUMNS)
+    resolved = resolved_config(session) | {"history": history}
+    resolved["resolved"]["report_to"] = backend
+    write_json_atomic(out / "config.json", resolved)
+    tracker = open_tracker(backend, out, at, resolved)
+    try:
+        summary = _train_and_deliver(session, out, checkpoint, tracker, started)
+    finally:
+        tracker.close()
+    if command is not None:
+        summary["command"] = command
+    write_json_atomic(out / "summary.json", summary)
+    remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
+    return summary
+
+
+def _train_and_deliver(session: Session, out: Path, checkpoint: dict[str, Any] | None, tracker: Tracker,
+                       started: float) -> dict[str, Any]:
+    """Train, then deliver the best checkpoint: adapter.safetensors, the allocator's files, the summary (returned)."""
+    config = session.config
+    result = train(session, out, checkpoint, tracker)
+    write_step_files(out, result.rows, result.rank_rows, result.precision_rows)
     restore(session, result.best)
     deliveries = per_snr_deliveries(session, result) if config.train.deliver_every_snr else None
     session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
@@ -178,10 +211,11 @@ def run(config: RunConfig, out: Path, overwrite: bool = False, resume: bool = Fa
         test_accuracy = evaluate(session, session.test_batches)
     summary = summarise(session, result, test_accuracy, time.perf_counter() - started)
     summary.update(extras)
+    accuracies = {"test_accuracy": test_accuracy}
     if deliveries is not None:
         summary["deliveries"] = deliveries
-    write_json_atomic(out / "summary.json", summary)
-    remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
+        accuracies |= {f"test_accuracy_{d['snr_db']:g}dB": d["test_accuracy"] for d in deliveries}
+    tracker.evaluation(result.rows[-1]["step"], accuracies)
     return summary
 
 

@@ -28,6 +28,7 @@ from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng
 from airlora.errors import AirloraError
 from airlora.io import write_csv_atomic
 from airlora.session import Session
+from airlora.tracking import Tracker
 
 METRIC_COLUMNS = [
     "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "transmitted_bits",
@@ -75,6 +76,10 @@ class TrainResult:
     """The checkpoint step this process continued from, or None."""
     final_precisions: dict[str, int] | None = None
     """The precisions applied at the last step."""
+    rank_rows: list[dict[str, Any]] = field(default_factory=list)
+    """Per step: its index and every module's applied rank (ranks.csv)."""
+    precision_rows: list[dict[str, Any]] = field(default_factory=list)
+    """Per step, when several precisions are allowed: every module's applied precision (precisions.csv)."""
 
 
 def evaluate(session: Session, batches: list[Batch]) -> float:
@@ -189,13 +194,26 @@ class LoopState:
     resumed_from_step: int | None = None
     precisions: dict[str, int] | None = None
     """The precisions applied at the last step run (None: the highest allowed)."""
+    rank_rows: list[dict[str, Any]] = field(default_factory=list)
+    precision_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(session: Session, out: Path | None = None, resume: dict[str, Any] | None = None) -> TrainResult:
+def write_step_files(out: Path, rows: list[dict[str, Any]], rank_rows: list[dict[str, Any]],
+                     precision_rows: list[dict[str, Any]]) -> None:
+    """metrics.csv, ranks.csv (step, then each module's rank) and, with several precisions, precisions.csv."""
+    write_csv_atomic(out / "metrics.csv", rows, METRIC_COLUMNS)
+    for name, table in (("ranks.csv", rank_rows), ("precisions.csv", precision_rows)):
+        if table:
+            write_csv_atomic(out / name, table, list(table[0]))
+
+
+def train(session: Session, out: Path | None = None, resume: dict[str, Any] | None = None,
+          tracker: Tracker | None = None) -> TrainResult:
     """Run the fine-tuning loop of ``session`` to the step budget or the paper's early-stop rule.
 
     With ``out``, the whole state is checkpointed there every ``train.checkpoint_every`` steps; ``resume`` is
-    such a checkpoint (``airlora.checkpoint.load_checkpoint``) to continue from.
+    such a checkpoint (``airlora.checkpoint.load_checkpoint``) to continue from. ``tracker`` gets every step's
+    metrics, evaluations and the allocator's new metric rows (``airlora.tracking``).
     """
     cfg = session.config
     adapters, allocator = session.adapters, session.allocator
@@ -204,6 +222,9 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     loop = LoopState()
     if resume is not None:
         loop = restore_loop(session, tuner, resume)
+    tracker = tracker or Tracker()
+    logged_rows = len(call(allocator, "metric_rows"))  # rows before a resume's checkpoint were logged then
+    several_bits = len(cfg.channel.bits) > 1
     started = time.perf_counter()
     stopped_early = False
     ranks, precisions = adapters.ranks(), loop.precisions
@@ -229,6 +250,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
 
         # 3. one training step; the allocator sees it before the gradients are dropped
         t1 = time.perf_counter()
+        lr = tuner.optimizer.param_groups[0]["lr"]  # the adapters' lr of this step's update
         try:
             task_loss = tuner.step(batch)
         except NonFiniteLoss as err:
@@ -237,7 +259,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             # The weights of this step already give a NaN whatever the lr, so the checkpoint kept for a --resume with
             # a lower lr is the last periodic one (none yet: the resume starts from step 0); the rows up to here stay
             # in metrics.csv to look at.
-            write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
+            write_step_files(out, loop.rows, loop.rank_rows, loop.precision_rows)
             pointer = read_pointer(out)
             since = f"its checkpoint of step {pointer['step']}" if pointer is not None else "step 0 (no checkpoint yet)"
             raise AirloraError(f"{err} at step {step}; the run stopped. Continue it from {since} with a lower lr: "
@@ -284,7 +306,18 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             if converged and loop.evals_without_gain >= cfg.train.patience and not last:
                 stopped_early = True
         loop.rows.append(row)
+        loop.rank_rows.append({"step": step} | ranks)
+        if several_bits:
+            loop.precision_rows.append({"step": step} | precisions)
         loop.step, loop.precisions = step + 1, precisions
+        tracker.step(step, row, ranks, precisions, cfg.channel.t_max_s, cfg.adapter.r_max, lr, several_bits)
+        if row["val_accuracy"] != "":
+            tracker.evaluation(step, {"val_accuracy": row["val_accuracy"], "best_val_accuracy": loop.best.val_accuracy
+                                      if loop.best is not None else row["val_accuracy"]})
+        metric_rows = call(allocator, "metric_rows", step=step)
+        for metric_row in metric_rows[logged_rows:]:
+            tracker.episode(step, metric_row)
+        logged_rows = len(metric_rows)
         best = loop.best
         bar.set_postfix(loss=f"{task_loss:.3f}", val=f"{best.val_accuracy:.3f}" if best else "-",
                         rank=f"{sum(ranks.values()) / len(ranks):.1f}", air=f"{row['airtime_s']:.2f}s",
@@ -293,13 +326,14 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             break
         every = cfg.train.checkpoint_every
         if out is not None and every and loop.step % every == 0 and not last:
+            tracker.flush()  # first: what the checkpoint covers is on disk before it exists
             save_checkpoint(out, loop.step, snapshot(session, tuner, loop, started))
-            write_csv_atomic(out / "metrics.csv", loop.rows, METRIC_COLUMNS)
+            write_step_files(out, loop.rows, loop.rank_rows, loop.precision_rows)
     bar.close()
     assert loop.best is not None  # the last step always evaluates
     return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step,
-                       loop.precisions)
+                       loop.precisions, loop.rank_rows, loop.precision_rows)
 
 
 def delivery_snr_db(session: Session) -> float:
@@ -350,6 +384,8 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "format": CHECKPOINT_FORMAT,
         "step": loop.step,
         "rows": loop.rows,
+        "rank_rows": loop.rank_rows,
+        "precision_rows": loop.precision_rows,
         "best": None if best is None else {"step": best.step, "val_accuracy": best.val_accuracy,
                                            "snr_db": best.snr_db, "adapter_state": best.adapter_state,
                                            "head_state": best.head_state, "ranks": best.ranks,
@@ -391,7 +427,8 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
                                                   best.get("precisions")),
         evals_without_gain=state["evals_without_gain"], rewards_since_eval=state["rewards_since_eval"],
         nothing_fits_steps=state["nothing_fits_steps"], eval_s=state["eval_s"], elapsed_s=state["elapsed_s"],
-        resumed_from_step=step, precisions=state.get("precisions"),
+        resumed_from_step=step, precisions=state.get("precisions"), rank_rows=state.get("rank_rows", []),
+        precision_rows=state.get("precision_rows", []),
     )
 
 
