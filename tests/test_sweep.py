@@ -137,7 +137,7 @@ def test_a_crashing_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_files):
 
 
 def smoke_sweep(out, *sets):
-    """`airlora sweep configs/smoke.yaml` (46 runs) with ``--set`` overrides, then `airlora report`."""
+    """`airlora sweep configs/smoke.yaml` (48 runs) with ``--set`` overrides, then `airlora report`."""
     airlora("sweep", ROOT / "configs" / "smoke.yaml", "--out", out, "--quiet", *sets, timeout=900)
     airlora("report", out)
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -164,7 +164,7 @@ def check_smoke_report(out, rows):
         png = out / "figures" / f"{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"figures/{figure}.png" in report
 
-    assert len(rows) == 46 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 48 and all(r["status"] == "ok" for r in rows)
     # Table III's AdaLoRA line, recomputed here from the rows
     acc = np.array([r["test_accuracy"] for r in rows if "table3" in r["experiments"] and r["method"] == "adalora"])
     half = stats.t.ppf(0.975, len(acc) - 1) * np.std(acc, ddof=1) / np.sqrt(len(acc))
