@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from airlora.config import RunConfig, load_config, merge
     from airlora.report import print_summary
-    from airlora.run import run, saved_config
+    from airlora.runner import run, saved_config
 
     if args.resume and args.overwrite:
         raise AirloraError("--resume continues the run in --out and --overwrite replaces it; choose one")

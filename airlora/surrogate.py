@@ -122,7 +122,7 @@ def pretrain_policy(config: RunConfig, out: Path, overwrite: bool = False) -> di
     policy there is replaced only with ``overwrite``, and a rejected input leaves no folder behind.
     """
     from airlora.io import write_json_atomic
-    from airlora.run import resolved_config
+    from airlora.runner import resolved_config
     from airlora.session import build_session
 
     out = Path(out)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 from airlora.config import RunConfig, merge  # noqa: E402
 from airlora.io import write_json_atomic  # noqa: E402
-from airlora.run import run  # noqa: E402
+from airlora.runner import run  # noqa: E402
 from airlora.surrogate import pretrain_policy  # noqa: E402
 from airlora.sweep.figures import heatmap_panels  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from airlora.config import merge
 from airlora.errors import AirloraError
 from airlora.policy.hierarchical import load_policy_file
-from airlora.run import run
+from airlora.runner import run
 from airlora.session import build_session
 
 SMALL_POLICY = {"policy.episode_steps": 3, "policy.refiner_updates": 2, "policy.refiner_batch": 8,

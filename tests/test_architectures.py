@@ -32,7 +32,7 @@ itself: there only edge = cloud as delivered is checked."""
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_run(request, tmp_path_factory, tiny_files):
     """(family, model folder, run folder): a `random` run with heterogeneous ranks on a generous link."""
-    from airlora.run import run
+    from airlora.runner import run
 
     family = request.param
     root = tmp_path_factory.mktemp(family)

@@ -59,7 +59,7 @@ def tokenizer_files(model, folder):
 def finished_run(tmp_path_factory, tiny_files):
     """A short `random` run on the tiny model and its 32-bit export: (run folder, delivery folder)."""
     from airlora.export import export_adapter
-    from airlora.run import run
+    from airlora.runner import run
 
     root = tmp_path_factory.mktemp("bad-input")
     model, data, config_file = tiny_files

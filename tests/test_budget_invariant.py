@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from airlora.allocators import names
 from airlora.codecs import CODECS
 from airlora.config import merge
-from airlora.run import run
+from airlora.runner import run
 
 HEAD_SHAPES = ((2, 32), (2,))
 """The tiny BERT's classifier weight and bias."""

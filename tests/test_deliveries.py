@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from airlora.channel import Budget, capacity_bps
 from airlora.config import merge
-from airlora.run import run
+from airlora.runner import run
 from airlora.session import build_session
 
 

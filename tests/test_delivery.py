@@ -21,7 +21,7 @@ from tests import reference
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_files):
     """A short in-process `random` run on a generous link, so ranks differ per module."""
-    from airlora.run import run
+    from airlora.runner import run
 
     root = tmp_path_factory.mktemp("delivery")
     model, data, config_file = tiny_files

@@ -17,7 +17,7 @@ from airlora.config import RunConfig, merge
 from airlora.edge import edge_evaluate
 from airlora.export import export_adapter
 from airlora.ranks import MODULES, rank_key
-from airlora.run import run
+from airlora.runner import run
 
 MINILM = {rank_key(i, m): ((384, 384) if m in "qkvo" else (384, 1536) if m == "fc1" else (1536, 384))
           for i in range(6) for m in MODULES}

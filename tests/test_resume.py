@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from airlora.config import merge
 from airlora.errors import AirloraError
-from airlora.run import check_same_run, run
+from airlora.runner import check_same_run, run
 from airlora.trainer import FineTuner
 
 TIMING = {"step_s", "decision_s", "apply_s", "update_s", "rss_mb"}  # measured, not computed
@@ -184,14 +184,14 @@ def test_a_nan_loss_stops_at_the_last_checkpoint_and_resumes_with_a_lower_lr(tin
         s.model.forward = poisoned(s.model)
         return s
 
-    monkeypatch.setattr("airlora.run.build_session", build_poisoned)
+    monkeypatch.setattr("airlora.runner.build_session", build_poisoned)
     with pytest.raises(AirloraError, match=r"training loss became nan; lower train.lr \(now 0.005\) at step 5; the "
                                            r"run stopped. Continue it from its checkpoint of step 4 with a lower lr: "
                                            f"airlora run --out {out} --resume --set train.lr=<lower>$"):
         run(config, out)
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 4  # the NaN step's own weights are not kept
     assert len(metrics(out)) == 5  # the rows up to the NaN, to look at
-    monkeypatch.setattr("airlora.run.build_session", build)
+    monkeypatch.setattr("airlora.runner.build_session", build)
 
     used = recorded_lrs(monkeypatch)
     summary = run(merge(config, {"train.lr": 1e-3, "train.head_lr": 2e-3, "train.steps": 20}), out, resume=True)

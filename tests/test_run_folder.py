@@ -4,7 +4,7 @@ import pytest
 
 from airlora.cli import main
 from airlora.errors import AirloraError
-from airlora.run import run
+from airlora.runner import run
 
 
 def run_flags(tiny_files, out, *extra):

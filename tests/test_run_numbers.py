@@ -19,7 +19,7 @@ from airlora.cli import main
 from airlora.config import merge
 from airlora.data import load_splits
 from airlora.export import export_adapter
-from airlora.run import run
+from airlora.runner import run
 from airlora.trainer import FineTuner
 from tests import reference
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from airlora.config import RunConfig, merge
-from airlora.run import run
+from airlora.runner import run
 
 
 def soak(config, out):

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from airlora.config import merge
 from airlora.errors import AirloraError
 from airlora.policy.hierarchical import load_policy_file
-from airlora.run import run
+from airlora.runner import run
 from airlora.session import build_session
 from airlora.surrogate import calibrated_gains, gradient_spectra, pretrain_policy
 

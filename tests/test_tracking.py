@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from airlora import tracking, trainer
 from airlora.cli import main
 from airlora.config import merge
-from airlora.run import run
+from airlora.runner import run
 from airlora.tracking import STEP_SCALARS
 
 EXTRA_STEP_SCALARS = ("charts/t_max_s", "charts/capacity_mbps", "charts/learning_rate", "charts/mean_rank",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from airlora.config import merge
-from airlora.run import run
+from airlora.runner import run
 from airlora.session import build_session
 from airlora.trainer import FineTuner, evaluate, linear_warmup_decay, reward_converged
 

@@ -83,7 +83,7 @@ def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] 
     ``failed.json`` (the run's) or the export's record and returned, never raised. ``plugins``: allocators the
     parent registered in process, registered here again (a worker is a fresh process; entry points it finds itself)."""
     from airlora import registry
-    from airlora.run import run
+    from airlora.runner import run
 
     for name, path in (plugins or {}).items():
         registry.register(name, path, replace=True)
