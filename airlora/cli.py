@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a base config value for every run, e.g. --set train.steps=50 (repeatable)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    report = sub.add_parser("report", help="tables, figures and the claims table of a sweep, as report.md")
-    report.add_argument("sweep_dir", help="the --out folder of `airlora sweep`")
-    report.add_argument("--out", help="folder for report.md and figures/ (default: the sweep folder)")
+    report = sub.add_parser("report", help="a sweep's tables, figures and claims table, or one run's figures, as "
+                            "report.md and figures/*.png")
+    report.add_argument("dir", help="the --out folder of `airlora sweep` or of one `airlora run`")
+    report.add_argument("--out", help="folder for report.md and figures/ (default: DIR)")
 
     edge = sub.add_parser("edge", help="as the device: verify a delivery, attach it with PEFT, evaluate; prints JSON")
     edge.add_argument("adapter_dir", help="the --out folder of `airlora export`")
@@ -274,10 +275,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from airlora.sweep.report import write_report
+    folder, out = Path(args.dir), Path(args.out) if args.out else None
+    if (folder / "summary.json").is_file():
+        from airlora.run_report import write_run_report
 
-    path = write_report(Path(args.sweep_dir), Path(args.out) if args.out else None)
-    print(f"report written to {path}")
+        path = write_run_report(folder, out)
+    elif (folder / "results.jsonl").is_file() or (folder / "plan.json").is_file():
+        from airlora.sweep.report import write_report
+
+        path = write_report(folder, out)
+    else:
+        raise AirloraError(f"{args.dir!r} holds neither a finished run (summary.json, from `airlora run --out`) nor a "
+                           "sweep (results.jsonl, from `airlora sweep --out`)")
+    print(f"report written to {path}, figures in {path.parent / 'figures'}")
     return 0
 
 

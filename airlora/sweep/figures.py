@@ -92,8 +92,10 @@ def layer_module_grid(values: dict[str, float]) -> np.ndarray:
     return grid
 
 
-def heatmap_panels(panels: dict[str, tuple[dict[str, float], float | None]], path: Path, unit: str = "rank") -> Path:
-    """One layer × module heat-map per panel: title -> (mapping, colour-scale maximum or None for the data's)."""
+def heatmap_figure(panels: dict[str, tuple[dict[str, float], float | None]], unit: str = "rank",
+                   annotate: bool = False) -> plt.Figure:
+    """One layer × module heat-map per panel: title -> (mapping, colour-scale maximum or None for the data's);
+    ``annotate`` writes each cell's value in it."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False, layout="constrained")
     for ax, (title, (values, vmax)) in zip(axes[0], panels.items(), strict=True):
         grid = layer_module_grid(values)
@@ -102,7 +104,17 @@ def heatmap_panels(panels: dict[str, tuple[dict[str, float], float | None]], pat
                yticks=range(grid.shape[0]))
         ax.title.set_fontsize(9)
         fig.colorbar(image, ax=ax, fraction=0.046, label=unit if vmax is not None else None)
-    return save(fig, path)
+        if annotate:
+            top = vmax or float(grid.max()) or 1.0
+            for (layer, m), value in np.ndenumerate(grid):
+                ax.text(m, layer, f"{value:g}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 * top else "white")
+    return fig
+
+
+def heatmap_panels(panels: dict[str, tuple[dict[str, float], float | None]], path: Path, unit: str = "rank") -> Path:
+    """``heatmap_figure`` written to ``path``."""
+    return save(heatmap_figure(panels, unit), path)
 
 
 def rank_heatmaps(rows: list[Row], path: Path) -> Path:
