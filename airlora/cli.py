@@ -6,6 +6,7 @@ User errors print one line ``airlora: error: …`` and exit with status 2; ``--d
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--bits", type=int, choices=[32, 16, 8, 4],
                         help="send every module and the head at this precision (default: the precisions the run "
                              "chose and budgeted)")
-    export.add_argument("--out", required=True, help="folder for the PEFT adapter and its delivery manifest")
+    export.add_argument("--out", required=True, help="folder for the PEFT adapter, its delivery manifest and its model "
+                        "card (README.md)")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
 
     sweep = sub.add_parser("sweep", help="run a grid of runs from a sweep file (resumable); writes results.jsonl")
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``airlora`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["airlora", *(sys.argv[1:] if argv is None else argv)])  # quoted by model cards
     try:
         commands = {"run": _cmd_run, "channel": _cmd_channel, "export": _cmd_export, "edge": _cmd_edge,
                     "sweep": _cmd_sweep, "report": _cmd_report, "pretrain-policy": _cmd_pretrain}
@@ -191,7 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise AirloraError(f"--match-bits-of sets the adalora allocator's target; the allocator is "
                                f"{config.allocator!r} (add --allocator adalora)")
         config = merge(config, {"adalora.target_bits": target_bits_of(args.match_bits_of)})
-    summary = run(config, Path(args.out), overwrite=args.overwrite, resume=args.resume)
+    summary = run(config, Path(args.out), overwrite=args.overwrite, resume=args.resume, command=args.command_line)
     print_summary(summary, Path(args.out))
     return 0
 
@@ -225,7 +228,7 @@ def _cmd_channel(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from airlora.export import export_adapter
 
-    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite)
+    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
     used = sorted({m["precisions"][k] for k, r in m["ranks"].items() if r})
     what = (f"{m['bits_per_param']} bits/value" if m["bits_per_param"]
@@ -241,6 +244,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"on air {m['on_air_bits']:,} bits; airtime {m['airtime_s']:.4f} s at {m['snr_db']:g} dB "
           f"(C {m['capacity_bps'] / 1e6:.3f} Mbit/s) of T_max {m['t_max_s']:g} s: {fits}")
     print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
+    print(f"model card {Path(args.out) / 'README.md'}")
     return 0
 
 

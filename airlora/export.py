@@ -9,6 +9,8 @@ The export folder (ADIR), as ``airlora.bundle`` lays it out:
 - ``delivery.json``: the manifest the device needs (ranks, precisions, SHA-256 of the payload and of the config).
 - ``delivery_record.json``: the sender's record, not sent: the exact accounting, the run's channel, the cloud
   model's test accuracy, and its logits (as delivered, after the codecs) on a fixed batch for the edge to compare.
+- ``README.md``: the model card (``airlora.model_card``), not sent: base model, task, data, ranks and bits, on-air
+  size and airtime, accuracy and the commands that made it, with the YAML front matter a hub upload reads.
 
 PEFT format. Keys ``base_model.model.{module}.lora_A`` (r, d_in) = Q_a, ``.lora_B`` (d_out, r) = P_a,
 ``.lora_E`` (r, 1) = λ_a for every module of rank r > 0, and ``base_model.model.{name}`` for each task-head
@@ -48,6 +50,7 @@ from airlora.codecs import CODECS
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic, write_text_atomic
+from airlora.model_card import CARD_FILE, model_card
 from airlora.ranks import validate_ranks
 
 ADAPTER_FORMAT = "airlora-svd-adapter/1"
@@ -230,13 +233,16 @@ def _data_dict(run: RunAdapter) -> dict[str, Any]:
     return data
 
 
-def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Write the run's adapter to ``out`` in PEFT format; return the manifest and the record as one dict.
+def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overwrite: bool = False,
+                   command: str | None = None) -> dict[str, Any]:
+    """Write the run's adapter to ``out`` in PEFT format with its model card; return the manifest and the record as
+    one dict.
 
     ``bits`` None delivers every module at the precision the run chose (and budgeted); a number sends every module
     and the head at that codec (e.g. a post-hoc int8 export of an fp32 run). Everything that can fail on bad input
     (run folder, model, data) is read before the first file is written, and a failure while writing removes what
-    was written: ``out`` never holds a half-written export.
+    was written: ``out`` never holds a half-written export. ``command``: the command line of the export, quoted by
+    the model card (README.md, ``airlora.model_card``) beside the run's own.
     """
     if bits is not None and bits not in CODECS:
         raise AirloraError(f"--bits {bits!r} is not allowed; expected one of {', '.join(map(str, sorted(CODECS)))}")
@@ -276,7 +282,7 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
 
     # 3. the files, the manifest and the record last: a failure removes what was written
     payload_file = bundle.payload_file(codecs)
-    written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
+    written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
                "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +298,7 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
         write_json_bytes(out / MANIFEST_FILE, bundle.json_bytes(sent))
         record = _record(run, out, payload_file, payload, precisions, head_bits, params, as_run, data, reference)
         write_json_atomic(out / RECORD_FILE, record)
+        write_text_atomic(out / CARD_FILE, model_card(run.config, run.summary, run.model_dir, sent, record, command))
     except BaseException:
         for name in (*written, f".{payload_file}.tmp"):
             (out / name).unlink(missing_ok=True)
