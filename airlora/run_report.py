@@ -217,7 +217,7 @@ def delivered_ranks_figure(run: RunTables) -> plt.Figure:
         bits = {key: s["precisions"][key] if rank else 0 for key, rank in ranks.items()}
         panels["bits per value (0: not sent)"] = (bits, float(max(s["allowed_bits"])))
     layers = 1 + max(parse_key(key)[0] for key in ranks)
-    return heatmap_figure(panels, unit="rank / bits" if several else "rank", annotate=layers <= 12)
+    return heatmap_figure(panels, unit=["rank", "bits per value"][: len(panels)], annotate=layers <= 12)
 
 
 def ranks_over_time_figure(run: RunTables) -> plt.Figure:

@@ -21,17 +21,26 @@ def csv_rows(path):
 
 
 @pytest.fixture
-def airllm_run(tiny_config, tmp_path):
-    """A finished tiny airllm run at two precisions, with 2-step episodes so the policy logs a few."""
-    config = merge(
-        tiny_config,
-        {"allocator": "airllm", "policy.episode_steps": 2, "channel.bits": [8, 32], "train.report_to": "none"},
-    )
-    run(config, tmp_path / "run")
-    return tmp_path / "run"
+def finished_run(tiny_config, tmp_path):
+    """Make a finished tiny run of an allocator at two precisions on a link where triplets fit (airllm: 2-step
+    episodes, so its policy logs a few)."""
+
+    def make(allocator):
+        overrides = {
+            "allocator": allocator,
+            "policy.episode_steps": 2,
+            "channel.bits": [8, 32],
+            "channel.snr_db": [6.0],
+            "train.report_to": "none",
+        }
+        run(merge(tiny_config, overrides), tmp_path / allocator)
+        return tmp_path / allocator
+
+    return make
 
 
-def test_report_of_a_run_writes_every_figure(airllm_run, capsys):
+def test_report_of_an_airllm_run_writes_every_figure(finished_run, capsys):
+    airllm_run = finished_run("airllm")
     assert main(["report", str(airllm_run)]) == 0
     assert "report written to" in capsys.readouterr().out
     report = (airllm_run / "report.md").read_text()
@@ -41,11 +50,19 @@ def test_report_of_a_run_writes_every_figure(airllm_run, capsys):
         assert f"(figures/{name}.png)" in report and run_report.CAPTIONS[name] in report
     assert not list((airllm_run / "figures").glob(".*"))  # no temporary file left behind
 
-
-def test_the_figures_draw_the_run_s_own_numbers(airllm_run):
     tables = run_report.read_run(airllm_run)
-    metrics = csv_rows(airllm_run / "metrics.csv")
-    summary = json.loads((airllm_run / "summary.json").read_text())
+    policy = csv_rows(airllm_run / "policy_metrics.csv")
+    assert len(policy) >= 2
+    first = run_report.policy_figure(tables).axes[0]
+    assert first.get_title() == "episode mean reward"
+    assert np.allclose(first.lines[0].get_ydata(), [float(r["mean_reward"]) for r in policy])
+
+
+def test_the_figures_draw_the_run_s_own_numbers(finished_run):
+    run_dir = finished_run("heuristic")  # its delivery sends modules at both precisions
+    tables = run_report.read_run(run_dir)
+    metrics = csv_rows(run_dir / "metrics.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
     steps = [int(r["step"]) for r in metrics]
 
     loss_line = run_report.training_figure(tables).axes[0].lines[0]
@@ -75,21 +92,17 @@ def test_the_figures_draw_the_run_s_own_numbers(airllm_run):
         for i in range(layers)
     ]
     assert np.array_equal(bits_image.get_array(), bits)
+    assert {b for row in bits for b in row} >= {8, 32}  # modules at each precision
+    assert len({r for row in expected for r in row}) > 1  # ranks that differ: a misplaced cell would show
 
     # ranks over time: the strip of module m is (layers, steps) of ranks.csv
-    rank_rows = csv_rows(airllm_run / "ranks.csv")
+    rank_rows = csv_rows(run_dir / "ranks.csv")
     strips = [ax.images[0] for ax in run_report.ranks_over_time_figure(tables).axes if ax.images]
     assert len(strips) == len(MODULES)
     for module, strip in zip(MODULES, strips, strict=True):
         want = [[int(row[f"layers.{i}.{module}"]) for row in rank_rows] for i in range(layers)]
         assert np.array_equal(strip.get_array(), want), module
     assert len({tuple(np.asarray(s.get_array()).ravel()) for s in strips}) > 1  # not one strip drawn six times
-
-    policy = csv_rows(airllm_run / "policy_metrics.csv")
-    assert len(policy) >= 2
-    first = run_report.policy_figure(tables).axes[0]
-    assert first.get_title() == "episode mean reward"
-    assert np.allclose(first.lines[0].get_ydata(), [float(r["mean_reward"]) for r in policy])
 
 
 def test_report_refuses_a_folder_that_is_neither_a_run_nor_a_sweep(tmp_path, capsys):

@@ -92,12 +92,13 @@ def layer_module_grid(values: dict[str, float]) -> np.ndarray:
     return grid
 
 
-def heatmap_figure(panels: dict[str, tuple[dict[str, float], float | None]], unit: str = "rank",
+def heatmap_figure(panels: dict[str, tuple[dict[str, float], float | None]], unit: str | list[str] = "rank",
                    annotate: bool = False) -> plt.Figure:
     """One layer × module heat-map per panel: title -> (mapping, colour-scale maximum or None for the data's);
-    ``annotate`` writes each cell's value in it."""
+    ``unit``: the colour bars' label, or one per panel; ``annotate`` writes each cell's value in it."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.8), squeeze=False, layout="constrained")
-    for ax, (title, (values, vmax)) in zip(axes[0], panels.items(), strict=True):
+    units = [unit] * len(panels) if isinstance(unit, str) else unit
+    for ax, (title, (values, vmax)), unit in zip(axes[0], panels.items(), units, strict=True):
         grid = layer_module_grid(values)
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
         ax.set(title=title, xlabel="module", ylabel="layer", xticks=range(len(MODULES)), xticklabels=MODULES,
