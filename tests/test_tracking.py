@@ -5,8 +5,10 @@ named scalar at the right steps, equal to metrics.csv, and a resumed run appends
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from airlora.config import merge
 from airlora.runner import run
 from airlora.tracking import STEP_SCALARS
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 EXTRA_STEP_SCALARS = ("charts/t_max_s", "charts/capacity_mbps", "charts/learning_rate", "charts/mean_rank",
                       "perf/decision_ms", "perf/apply_ms", "perf/update_ms")
 POLICY_TAGS = ("losses/ppo_policy_loss", "losses/ppo_value_loss", "policy/ppo_approx_kl", "policy/ppo_clipfrac",
@@ -100,6 +103,10 @@ def test_every_named_scalar_is_in_the_event_files_at_its_steps(airllm_config, tm
     assert "policy/episode" not in log.Tags()["scalars"]
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["report_to"] == "tensorboard"
+    # the README's table of names is the log's: each name it lists is logged, each logged name is listed
+    listed = set(re.findall(r"`((?:charts|perf|eval|losses|policy)/\w+)`", README.read_text(encoding="utf-8")))
+    logged = {tag for tag in log.Tags()["scalars"] + log.Tags()["histograms"] if not re.search(r"_-?\d+dB$", tag)}
+    assert listed - {"charts/bits"} == logged  # charts/bits: runs with several precisions only
 
 
 def test_a_resumed_run_appends_to_the_same_log_with_every_step_once(airllm_config, tmp_path, monkeypatch):
