@@ -107,13 +107,14 @@ def read_run(run_dir: Path) -> RunTables:
     return RunTables(summary, _read_csv(metrics_path), ranks, policy)
 
 
-def _moving_mean(values: np.ndarray) -> tuple[int, np.ndarray]:
-    """A centred moving mean over ~1/20 of the steps (window, values); window 1 returns the values."""
+def _noisy_curve(ax: plt.Axes, steps: np.ndarray, values: np.ndarray, label: str) -> None:
+    """A per-step curve, thin, with its centred moving mean over ~1/20 of the steps in bold."""
+    ax.plot(steps, values, lw=0.8, alpha=0.45, label=label)
     window = max(1, len(values) // 20)
-    if window == 1:
-        return 1, values
-    kernel = np.ones(window) / window
-    return window, np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
+    if window > 1:
+        kernel = np.ones(window) / window
+        mean = np.convolve(values, kernel, mode="same") / np.convolve(np.ones_like(values), kernel, mode="same")
+        ax.plot(steps, mean, lw=2, color="C0", label=f"mean over {window} steps")
 
 
 def _title(run: RunTables, what: str) -> str:
@@ -141,11 +142,7 @@ def training_figure(run: RunTables) -> plt.Figure:
     """Loss per step (top) and validation accuracy at each evaluation (bottom)."""
     s, steps = run.summary, run.column("step")
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.6), layout="constrained")
-    loss = run.column("loss")
-    ax_loss.plot(steps, loss, lw=0.8, alpha=0.45, label="batch loss")
-    window, mean = _moving_mean(loss)
-    if window > 1:
-        ax_loss.plot(steps, mean, lw=2, color="C0", label=f"mean over {window} steps")
+    _noisy_curve(ax_loss, steps, run.column("loss"), "batch loss")
     ax_loss.set(ylabel="training loss U")
     fig.suptitle(_title(run, "Loss and accuracy"), fontsize=11)
     evals = [(row["step"], row["val_accuracy"]) for row in run.metrics if row["val_accuracy"] is not None]
@@ -173,11 +170,7 @@ def reward_figure(run: RunTables) -> plt.Figure:
     """Reward per step (top) and η, the share of the budget used (bottom)."""
     steps, over = run.column("step"), _over_budget(run)
     fig, (ax_r, ax_eta) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.6), layout="constrained")
-    reward = run.column("reward")
-    ax_r.plot(steps, reward, lw=0.8, alpha=0.45, label="reward")
-    window, mean = _moving_mean(reward)
-    if window > 1:
-        ax_r.plot(steps, mean, lw=2, color="C0", label=f"mean over {window} steps")
+    _noisy_curve(ax_r, steps, run.column("reward"), "reward")
     ax_r.set(ylabel="R = −U − λη")
     fig.suptitle(_title(run, f"Reward (λ = {run.summary['reward_lambda']:g}) and η"), fontsize=11)
     eta = run.column("eta")
