@@ -115,3 +115,13 @@ def test_a_quantised_export_s_card_says_peft_cannot_load_it_as_is(exported):
     assert re.search(r"modules at 8 bits per value, the head at 8\.", card)
     assert {bits for _, bits in card_table(card).values()} == {None}  # one precision: ranks only
     assert "(of the run's own precisions, not of this export's)" in card
+
+
+def test_the_base_model_is_named_by_its_hub_id_when_one_is_known(tmp_path):
+    from airlora.model_card import base_model_id
+
+    assert base_model_id("minilm", "/anywhere/model") == "sentence-transformers/all-MiniLM-L6-v2"
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "facebook/opt-1.3b"}))
+    assert base_model_id(str(tmp_path), str(tmp_path)) == "facebook/opt-1.3b"
+    (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/opt"}))
+    assert base_model_id(str(tmp_path), str(tmp_path)) == str(tmp_path)  # a path is no hub id: the folder

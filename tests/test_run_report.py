@@ -118,3 +118,15 @@ def test_report_of_a_sweep_folder_is_still_the_sweep_report(tmp_path, capsys):
     (tmp_path / "results.jsonl").write_text(json.dumps(failed) + "\n")
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished runs to report on" in capsys.readouterr().err  # the sweep report's own check
+
+
+def test_the_bits_panel_leaves_out_modules_not_sent():
+    ranks = {f"layers.{i}.{m}": (i + j) % 3 for i in range(2) for j, m in enumerate(MODULES)}
+    precisions = {key: 8 if j % 2 else 32 for j, key in enumerate(ranks)}
+    summary = {"ranks": ranks, "precisions": precisions, "allowed_bits": [8, 32], "best_step": 0, "r_max": 4}
+    axes = [ax for ax in run_report.delivered_ranks_figure(run_report.RunTables(summary, [])).axes if ax.images]
+    bits = np.asarray(axes[1].images[0].get_array())
+    assert [bits[i, j] for i in range(2) for j in range(6)] == [
+        precisions[key] if ranks[key] else 0 for key in ranks
+    ]  # ranks is in layer-major, MODULES order
+    assert 0 in bits and 8 in bits and 32 in bits
