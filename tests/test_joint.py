@@ -127,7 +127,7 @@ def test_the_edge_gets_the_runs_accuracy_and_the_runs_precisions(joint_run, tiny
 
 
 def test_validation_and_test_see_the_round_trip(tiny_config, tmp_path, monkeypatch):
-    from airlora import run as run_module
+    from airlora import runner as run_module
     from airlora import trainer
 
     seen = []
