@@ -284,6 +284,11 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
     payload_file = bundle.payload_file(codecs)
     written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
                "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
+    is_export = (out / MANIFEST_FILE).is_file() or (out / RECORD_FILE).is_file()
+    clash = [name for name in written if (out / name).exists()] if out.is_dir() and not is_export else []
+    if clash:  # e.g. --out . in a repository: its README.md is not an earlier export's card
+        raise AirloraError(f"--out {out} already holds {', '.join(clash)} and is not an airlora export; choose an "
+                           "empty folder or an earlier export's")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in written:

@@ -125,3 +125,18 @@ def test_the_base_model_is_named_by_its_hub_id_when_one_is_known(tmp_path):
     assert base_model_id(str(tmp_path), str(tmp_path)) == "facebook/opt-1.3b"
     (tmp_path / "config.json").write_text(json.dumps({"_name_or_path": "/home/me/opt"}))
     assert base_model_id(str(tmp_path), str(tmp_path)) == str(tmp_path)  # a path is no hub id: the folder
+
+
+def test_export_into_a_folder_with_someone_elses_readme_refuses_and_keeps_it(exported, capsys):
+    tmp_path, _, _ = exported
+    other = tmp_path / "repo"
+    other.mkdir()
+    (other / "README.md").write_text("my project\n")
+    assert main(["export", str(tmp_path / "run"), "--out", str(other)]) == 2
+    assert "already holds README.md and is not an airlora export" in capsys.readouterr().err
+    assert (other / "README.md").read_text() == "my project\n" and sorted(p.name for p in other.iterdir()) == ["README.md"]
+    # an earlier export's folder is replaced with --overwrite as before, card included
+    before = (tmp_path / "adir" / "README.md").read_text()
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adir"), "--bits", "8",
+                 "--overwrite"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "adir" / "README.md").read_text() != before
