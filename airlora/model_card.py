@@ -19,6 +19,19 @@ HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 """The hub id of a packaged base model (RunConfig.model -> id)."""
 
 
+def hub_dataset_id(source: str) -> str | None:
+    """The hub id of an ``hf:`` data source where the source says it (data.py's ``_hub`` tries NAME+CONFIG before
+    OWNER/NAME for two parts, so those say it only for GLUE), else None."""
+    if not source.startswith("hf:"):
+        return None
+    parts = source[3:].strip("/").split("/")
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 3:
+        return "/".join(parts[:2])
+    return "nyu-mll/glue" if len(parts) == 2 and parts[0] == "glue" else None
+
+
 def base_model_id(model: str, model_dir: str) -> str:
     """The base model as a hub id when it is known (the packaged one, or a folder saved from the hub), else its
     folder, as PEFT's own cards write ``base_model_name_or_path``."""
@@ -63,13 +76,13 @@ def model_card(
     base = base_model_id(config.model, model_dir)
     edge_base = config.model if config.model in HUB_IDS else model_dir  # what `airlora edge --base` takes
     source = config.data.source
-    hub_data = [source.removeprefix("hf:").split("/")[0]] if source.startswith("hf:") else []
+    hub_data = [name] if (name := hub_dataset_id(source)) else []
     used_bits = sorted({precisions[k] for k, r in ranks.items() if r})
     sent_modules = sum(1 for r in ranks.values() if r)
     front = [
         "---",
         "library_name: peft",
-        f"base_model: {json.dumps(base)}",
+        *([f"base_model: {json.dumps(base)}"] if base != model_dir else []),  # the hub checks it names a model
         "pipeline_tag: text-classification",
         "tags:",
         *(f"- {tag}" for tag in ("peft", "adalora", "lora", "airlora", "text-classification")),

@@ -1,9 +1,9 @@
 """``airlora report RUN_DIR``: the figures of one finished run, drawn from its files, as PNG in RUN_DIR/figures/.
 
-Read: summary.json, metrics.csv (one row a step), ranks.csv (the ranks applied at each step), precisions.csv (with
-several precisions) and, for airllm, policy_metrics.csv (one row an episode). Each ``*_figure`` function builds a
-matplotlib Figure from a ``RunTables`` (so a test can read its data back); ``write_run_report`` saves them with the
-sweep report's atomic ``save`` and writes report.md, which shows them with their captions.
+Read: summary.json, metrics.csv (one row a step), ranks.csv (the ranks applied at each step) and, for airllm,
+policy_metrics.csv (one row an episode). Each ``*_figure`` function builds a matplotlib Figure from a ``RunTables``
+(so a test can read its data back); ``write_run_report`` saves them with the sweep report's atomic ``save`` and writes
+report.md, which shows them with their captions.
 """
 
 from __future__ import annotations
@@ -93,10 +93,10 @@ def _read_csv(path: Path) -> list[Row]:
 def read_run(run_dir: Path) -> RunTables:
     """The tables of the finished run in ``run_dir``; a clear error when it is not one."""
     summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.csv"
-    if not summary_path.is_file() or not metrics_path.is_file():
+    missing = [path.name for path in (summary_path, metrics_path) if not path.is_file()]
+    if missing:
         raise AirloraError(
-            f"{str(run_dir)!r} has no summary.json and metrics.csv; expected the --out folder of a "
-            "finished `airlora run`"
+            f"{str(run_dir)!r} has no {' and no '.join(missing)}; expected the --out folder of a finished `airlora run`"
         )
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))

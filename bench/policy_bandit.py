@@ -16,9 +16,10 @@ then cheapest-first) and, as a reference, a greedy fill by the true marginal gai
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 from airlora.allocators import make_allocator  # noqa: E402
 from airlora.bandit import drive, evaluate, paper_bandit, share_of_gap  # noqa: E402
 from airlora.config import RunConfig, merge  # noqa: E402
+from airlora.io import write_json_atomic  # noqa: E402
 
 VARIANTS = ["ppo+ddim-mlp", "ppo", "ddim", "ppo+ddpm", "ppo+ddim-unet"]
 EVERY = 25
@@ -141,8 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s with {args.workers} workers")
     if args.out:
-        Path(args.out).write_text(json.dumps({"runs": runs, "references": references, "table": table,
-                                              "settings": vars(args)}, indent=1))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+        policy = dataclasses.asdict(config_for(VARIANTS[0], 0, extra).policy)  # the default variant's, resolved
+        settings = {**vars(args), "commit": commit, "policy": policy}
+        write_json_atomic(args.out, {"runs": runs, "references": references, "table": table, "settings": settings})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/x.py` from a checkout
 
 from airlora.config import RunConfig, merge  # noqa: E402
-from airlora.io import write_json_atomic  # noqa: E402
+from airlora.io import write_json_atomic, write_text_atomic  # noqa: E402
 from airlora.runner import run  # noqa: E402
 from airlora.surrogate import pretrain_policy  # noqa: E402
 from airlora.sweep.figures import heatmap_panels  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         summaries[name] = json.loads((folder / "summary.json").read_text())
     write_json_atomic(out / "results.json", {"calibration_s": calibration["calibration_s"],
                                              "pretrain_s": calibration["pretrain_s"], "summaries": summaries})
-    (out / "table.md").write_text(table(summaries, calibration))
+    write_text_atomic(out / "table.md", table(summaries, calibration))
     panels = {"calibrated importance": (calibration["importance"], None)}
     for name, snr in (("airllm", -5.0), ("airllm", 5.0), ("airllm", 15.0), ("heuristic", -5.0), ("uniform", -5.0)):
         delivery = next(d for d in summaries[name]["deliveries"] if d["snr_db"] == snr)

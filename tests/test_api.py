@@ -20,10 +20,17 @@ def test_import_airlora_loads_no_heavy_package():
 
 
 def test_a_run_from_python_returns_the_summary_it_wrote(tiny_config, tmp_path):
-    import airlora.runner  # loaded first: the submodule must not take the place of the function
+    import importlib.util
+    import pkgutil
+
+    import airlora
+
+    # every submodule loaded first: none may take the place of the function (a submodule airlora/run.py would)
+    for module in pkgutil.walk_packages(airlora.__path__, "airlora."):
+        importlib.import_module(module.name)
     from airlora import RunConfig, merge, run
 
-    assert run is airlora.runner.run
+    assert importlib.util.find_spec("airlora.run") is None and run is airlora.runner.run
     config = merge(tiny_config, {"train.steps": 4, "allocator": "heuristic", "train.report_to": "none"})
     assert isinstance(config, RunConfig)
     out = tmp_path / "run"

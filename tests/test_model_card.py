@@ -83,7 +83,7 @@ def test_the_card_describes_the_written_delivery_and_peft_loads_the_folder(expor
     # the hub's YAML front matter
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "peft" and "peft" in front["tags"]
-    assert front["base_model"] == config["base_model_name_or_path"]  # a local folder: no hub id known
+    assert "base_model" not in front  # a local folder: no hub id known, and the hub would refuse a path
     assert config["base_model_name_or_path"] in card.split("---\n", 2)[2]
 
     # the ranks and bits of the card are those in delivery.json and in adapter_config.json's rank_pattern
@@ -134,9 +134,19 @@ def test_export_into_a_folder_with_someone_elses_readme_refuses_and_keeps_it(exp
     (other / "README.md").write_text("my project\n")
     assert main(["export", str(tmp_path / "run"), "--out", str(other)]) == 2
     assert "already holds README.md and is not an airlora export" in capsys.readouterr().err
-    assert (other / "README.md").read_text() == "my project\n" and sorted(p.name for p in other.iterdir()) == ["README.md"]
+    assert (other / "README.md").read_text() == "my project\n"
+    assert sorted(p.name for p in other.iterdir()) == ["README.md"]
     # an earlier export's folder is replaced with --overwrite as before, card included
     before = (tmp_path / "adir" / "README.md").read_text()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adir"), "--bits", "8",
                  "--overwrite"]) == 0, capsys.readouterr().err
     assert (tmp_path / "adir" / "README.md").read_text() != before
+
+
+@pytest.mark.parametrize(("source", "expected"), [("hf:imdb", "imdb"), ("hf:glue/sst2", "nyu-mll/glue"),
+                                                  ("hf:stanfordnlp/sst2/default", "stanfordnlp/sst2"),
+                                                  ("hf:stanfordnlp/sst2", None), ("data/tweets.csv", None)])
+def test_the_card_names_a_dataset_only_by_an_id_its_source_says(source, expected):
+    from airlora.model_card import hub_dataset_id
+
+    assert hub_dataset_id(source) == expected
