@@ -82,7 +82,13 @@ def _read_config_json(out: Path) -> dict[str, Any]:
     path = out / "config.json"
     if not path.is_file():
         raise AirloraError(f"--resume: {str(out)!r} has no config.json; it holds no run to continue")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AirloraError(f"--resume: {str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise AirloraError(f"--resume: {str(path)!r} is not a run's config (a JSON object expected)")
+    return data
 
 
 def saved_config(out: Path) -> RunConfig:

@@ -185,6 +185,14 @@ def test_argparse_errors_exit_2_with_usage(capsys, args, message):
     assert message in err and err.startswith("usage: airlora") and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("text", "message"), [("{not json", "config.json' is not valid JSON"),
+                                              ("[1, 2]", "config.json' is not a run's config")])
+def test_resume_of_a_damaged_config_json(tmp_path, capsys, text, message):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "config.json").write_text(text)
+    assert message in fails(capsys, "run", "--out", tmp_path / "o", "--resume")
+
+
 def test_debug_flag_raises_instead_of_printing(tmp_path, capsys):
     with pytest.raises(AirloraError, match="channel.t_max_s"):
         main(["--debug", "channel", "--t-max-s", "0"])

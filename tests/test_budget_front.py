@@ -54,7 +54,9 @@ def test_posthoc_section_is_checked(tmp_path):
     path = tmp_path / "s.json"
     for posthoc, message in (({"exports": [3]}, "posthoc.exports = \\[3\\] is not allowed"),
                              ({"experiments": ["nope"], "exports": [8]}, "posthoc.experiments = \\['nope'\\]"),
-                             ({"bits": [8]}, "posthoc must be a mapping with keys experiments, exports")):
+                             ({"bits": [8]}, "posthoc must be a mapping with keys experiments, exports"),
+                             ({"exports": [[8]]}, "posthoc.exports = \\[\\[8\\]\\] is not allowed"),
+                             ({"experiments": [["a"]], "exports": [8]}, "posthoc.experiments = \\[\\['a'\\]\\]")):
         path.write_text(json.dumps({"experiments": {"a": {"allocator": ["uniform"]}}, "posthoc": posthoc}))
         with pytest.raises(AirloraError, match=message):
             load_sweep(path)

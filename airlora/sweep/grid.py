@@ -68,10 +68,10 @@ def _posthoc(data: Any, experiments: dict[str, Any]) -> tuple[list[str], list[in
     if not isinstance(data, dict) or set(data) - set(POSTHOC_KEYS):
         raise AirloraError(f"posthoc must be a mapping with keys {', '.join(POSTHOC_KEYS)}, got {data!r}")
     names, exports = data.get("experiments", list(experiments)), data.get("exports", [])
-    if not isinstance(names, list) or any(n not in experiments for n in names):
+    if not isinstance(names, list) or any(not isinstance(n, str) or n not in experiments for n in names):
         raise AirloraError(f"posthoc.experiments = {names!r} is not allowed; expected a list of this file's "
                            f"experiments ({', '.join(experiments)})")
-    if not isinstance(exports, list) or not exports or any(e != "run" and e not in CODECS for e in exports):
+    if not isinstance(exports, list) or not exports or any(e != "run" and (not isinstance(e, int) or e not in CODECS) for e in exports):
         raise AirloraError(f"posthoc.exports = {exports!r} is not allowed; expected a non-empty list of 'run' and "
                            f"precisions from {', '.join(map(str, sorted(CODECS)))}")
     return names, exports
