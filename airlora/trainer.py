@@ -38,7 +38,7 @@ METRIC_COLUMNS = [
 ]
 
 
-CHECKPOINT_FORMAT = "airlora-checkpoint/1"
+CHECKPOINT_FORMAT = "airlora-checkpoint/2"  # /2: the best checkpoint keeps its ranks and precisions
 
 
 @dataclass
@@ -360,12 +360,6 @@ def delivery_decision(session: Session, snr_db: float, step: int, ranks: dict[st
                             min(step / session.config.train.steps, 1.0), precisions)
     decision = call(session.allocator, "deliver", ctx, step=step)
     return budget.project_joint(*checked_decision(decision, budget, session.allocator, "deliver", step))
-
-
-def delivery_ranks(session: Session, snr_db: float, step: int, ranks: dict[str, int],
-                   rows: list[dict[str, Any]]) -> dict[str, int]:
-    """The ranks of ``delivery_decision``."""
-    return delivery_decision(session, snr_db, step, ranks, rows)[0]
 
 
 def context(session: Session, step: int, ranks: dict[str, int], batch: Batch | None = None,
