@@ -230,10 +230,6 @@ class Budget:
         """Bits that can still be added to the delivery within the budget (negative when already over)."""
         return self._bit_cap - self.bits(ranks, precisions)
 
-    def room(self, ranks: RanksLike) -> int:
-        """Parameters at ``bits_per_param`` that can still be added to ``ranks`` (negative when already over)."""
-        return self.room_bits(ranks) // self.bits_per_param
-
     def max_uniform_rank(self, precision: int | None = None) -> int:
         """Largest common rank r ≤ r_max for every module, at one common ``precision`` (default the highest)."""
         room = self._bit_cap - self.reserved_bits

@@ -118,10 +118,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _round_up_bf16(s: torch.Tensor) -> torch.Tensor:
     """The smallest bf16 ≥ s for s ≥ 0 (float32 in, bfloat16 out)."""
     s16 = s.to(torch.bfloat16)
-    low = s16.float() < s
-    if bool(low.any()):  # the next bf16 up: positive finite bf16s are ordered like their bit patterns
-        s16 = torch.where(low, (s16.view(torch.int16) + 1).view(torch.bfloat16), s16)
-    return s16
+    low = s16.float() < s  # those get the next bf16 up: positive finite bf16s are ordered like their bit patterns
+    return torch.where(low, (s16.view(torch.int16) + 1).view(torch.bfloat16), s16)  # no .any(): no device sync
 
 
 def quantise_rows(c: Codec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
