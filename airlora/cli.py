@@ -226,11 +226,12 @@ def _cmd_channel(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from airlora.codecs import sent_bits
     from airlora.export import export_adapter
 
     m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
-    used = sorted({m["precisions"][k] for k, r in m["ranks"].items() if r})
+    used = sent_bits(m["ranks"], m["precisions"])
     what = (f"{m['bits_per_param']} bits/value" if m["bits_per_param"]
             else f"modules at {'/'.join(map(str, used))} bits, head at {m['head_bits']}")
     print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}"

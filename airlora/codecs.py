@@ -28,6 +28,7 @@ Letters: n rows, d values per row, g = ceil(d / GROUP) groups per row.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,17 @@ def codec(bits: int) -> Codec:
 def lambda_codec(c: Codec) -> Codec:
     """The codec λ is sent with under ``c``: fp32 under an integer codec, else ``c`` itself."""
     return CODECS[LAMBDA_BITS_INT] if c.integer else c
+
+
+def sent_bits(ranks: Mapping[str, int], precisions: Mapping[str, int]) -> list[int]:
+    """The precisions of the modules a delivery sends (rank > 0), ascending."""
+    return sorted({precisions[k] for k, r in ranks.items() if r})
+
+
+def common_bits(ranks: Mapping[str, int], precisions: Mapping[str, int], head_bits: int) -> int | None:
+    """The one precision of everything sent (modules and head), or None when they differ."""
+    used = set(sent_bits(ranks, precisions)) | {head_bits}
+    return used.pop() if len(used) == 1 else None
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

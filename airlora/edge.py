@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from airlora import bundle
 from airlora.bundle import MANIFEST_FILE, PEFT_PARTS, PEFT_PREFIX, RECORD_FILE
+from airlora.codecs import common_bits
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
 from airlora.export import copy_for_peft, reference_logits, sha256_file
@@ -193,7 +194,6 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     batches = eval_batches(splits.test, tokenizer, config.eval_batch_size, config.max_length)
     test_accuracy = accuracy(model, batches)
     cloud = record["cloud_test_accuracy"]
-    active = {manifest["precisions"][k] for k, r in manifest["ranks"].items() if r} | {manifest["head_bits"]}
     return {
         "test_accuracy": test_accuracy,
         "cloud_test_accuracy": cloud,
@@ -201,7 +201,7 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
         "max_abs_logit_diff": logit_diff,
         "reference_examples": len(ref["sentences"]),
         "test_examples": len(splits.test),
-        "bits_per_param": active.pop() if len(active) == 1 else None,
+        "bits_per_param": common_bits(manifest["ranks"], manifest["precisions"], manifest["head_bits"]),
         "precisions": manifest["precisions"],
         "payload_bytes": record["payload_bytes"],
         "scale_bytes": record["scale_bytes"],

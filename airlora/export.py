@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from airlora import bundle
 from airlora.bundle import CONFIG_FILE, MANIFEST_FILE, PEFT_PARTS, PEFT_PAYLOAD, PEFT_PREFIX, RECORD_FILE
-from airlora.codecs import CODECS
+from airlora.codecs import CODECS, common_bits
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic, write_text_atomic
@@ -344,11 +344,10 @@ def _record(run: RunAdapter, out: Path, payload_file: str, payload: dict[str, to
                            f"the {reserved:,} the run reserved for them; not delivered (please report this)")
     capacity, t_max_s = float(run.summary["capacity_bps"]), float(run.summary["t_max_s"])
     on_air_bits = 8 * (tensor_bytes + overhead)
-    common = set(precisions[k] for k, r in run.ranks.items() if r) | {head_bits}
     return {
         "format": RECORD_FORMAT,
         "run_dir": str(run.run_dir),
-        "bits_per_param": common.pop() if len(common) == 1 else None,
+        "bits_per_param": common_bits(run.ranks, precisions, head_bits),
         "precisions_of_run": as_run,
         "quantisation": {c.name: _CODEC_TEXT[c.name] for c in sorted({codec(b) for b in [*precisions.values(),
                                                                                            head_bits]},

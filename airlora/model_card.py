@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from airlora.bundle import PEFT_PAYLOAD
+from airlora.codecs import sent_bits
 from airlora.ranks import MODULES, parse_key
 
 CARD_FILE = "README.md"
@@ -77,7 +78,7 @@ def model_card(
     edge_base = config.model if config.model in HUB_IDS else model_dir  # what `airlora edge --base` takes
     source = config.data.source
     hub_data = [name] if (name := hub_dataset_id(source)) else []
-    used_bits = sorted({precisions[k] for k, r in ranks.items() if r})
+    used_bits = sent_bits(ranks, precisions)
     sent_modules = sum(1 for r in ranks.values() if r)
     front = [
         "---",

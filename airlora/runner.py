@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from airlora.allocators.base import call
 from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
+from airlora.codecs import common_bits
 from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
 from airlora.deliveries import per_snr_deliveries
@@ -279,7 +280,6 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
     budget = session.budget(best.snr_db)
     params = budget.params(ranks)
     on_air_bits = budget.bits(ranks, precisions)
-    common = {precisions[k] for k, r in ranks.items() if r} | {session.head_bits}
     train_labels = session.splits.train.labels
     majority = Counter(train_labels.tolist()).most_common(1)[0][0]
     rows = result.rows
@@ -308,7 +308,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "precisions": precisions,
         "allowed_bits": list(cfg.channel.bits),
         "head_bits": session.head_bits,
-        "bits_per_param": common.pop() if len(common) == 1 else None,
+        "bits_per_param": common_bits(ranks, precisions, session.head_bits),
         "transmitted_bits": on_air_bits - 8 * session.overhead_bytes,
         "delivery_overhead_bytes": session.overhead_bytes,
         "on_air_bits": on_air_bits,

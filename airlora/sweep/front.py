@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from airlora.codecs import CODECS
+from airlora.codecs import CODECS, sent_bits
 from airlora.sweep.stats import Estimate, mean_ci, paired
 from airlora.sweep.tables import label
 
@@ -143,7 +143,7 @@ def delivery_text(run: Row) -> str:
     record = (run.get("posthoc") or {}).get("run")
     if not record or record.get("status") != "ok":
         return "(no 'run' export of this run: add `posthoc: {exports: [run]}` to the sweep file)"
-    used = sorted({b for k, b in record["precisions"].items() if run["ranks"][k]})
+    used = sent_bits(run["ranks"], record["precisions"])
     return (f"Run `{run['run_id']}` (seed {run['seed']}), precisions used {'/'.join(map(str, used))} bits, head at "
             f"{record['head_bits']}: payload {record['payload_bytes']:,} bytes + scales {record['scale_bytes']:,} + "
             f"overhead {record['overhead_bytes']:,} on the air (header {record['header_bytes']:,}, config "

@@ -71,7 +71,8 @@ def _posthoc(data: Any, experiments: dict[str, Any]) -> tuple[list[str], list[in
     if not isinstance(names, list) or any(not isinstance(n, str) or n not in experiments for n in names):
         raise AirloraError(f"posthoc.experiments = {names!r} is not allowed; expected a list of this file's "
                            f"experiments ({', '.join(experiments)})")
-    if not isinstance(exports, list) or not exports or any(e != "run" and (not isinstance(e, int) or e not in CODECS) for e in exports):
+    known = [e == "run" or (isinstance(e, int) and e in CODECS) for e in exports] if isinstance(exports, list) else []
+    if not known or not all(known):  # isinstance first: a list entry is unhashable
         raise AirloraError(f"posthoc.exports = {exports!r} is not allowed; expected a non-empty list of 'run' and "
                            f"precisions from {', '.join(map(str, sorted(CODECS)))}")
     return names, exports
