@@ -202,3 +202,17 @@ def test_saved_policy_rebuilds_without_a_run_with_the_same_weights_and_decisions
     torch.testing.assert_close(loaded.critic.weights, original.critic.weights)
     obs = allocator._state(evaluate_context(bandit, 20))
     assert loaded.act(obs, 20.0, explore=False)[0] == original.act(obs, 20.0, explore=False)[0]
+
+
+def test_a_saved_policy_keeps_the_pricing_of_several_precisions():
+    # with several allowed precisions the geometry prices ranks at the lowest one too (bits_low); a policy rebuilt
+    # from its file must decide on the same budget, not on the highest precision alone
+    config = merge(RunConfig(), {"allocator": "airllm", **SMALL_POLICY}).policy
+    keys = ["layers.0.q", "layers.0.k"]
+    geometry = hierarchical.Geometry(torch.tensor([800.0, 1600.0]), 1000.0, 1.0, 8, torch.tensor([100.0, 200.0]))
+    policy = RankPolicy(keys, geometry, config, 0.1, 0)
+    loaded = RankPolicy.from_state(policy.policy_state())
+    assert torch.equal(loaded.geometry.bits_low, geometry.bits_low)
+    assert torch.equal(loaded.geometry.bits_per_rank, geometry.bits_per_rank) and loaded.geometry.r_max == 8
+    ranks, capacity = torch.tensor([[8.0, 8.0]]), torch.tensor([3000.0])
+    assert torch.equal(loaded.geometry.executed(ranks, capacity), geometry.executed(ranks, capacity))

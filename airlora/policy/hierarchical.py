@@ -299,8 +299,7 @@ class RankPolicy:
         state: dict[str, Any] = {
             "format": POLICY_FORMAT, "variant": self.variant, "keys": self.keys, "r_max": self.r_max,
             "config": dataclasses.asdict(self.config), "reward_lambda": self.reward_lambda, "seed": self.seed,
-            "geometry": {"bits_per_rank": self.geometry.bits_per_rank, "reserved_bits": self.geometry.reserved_bits,
-                         "t_max_s": self.geometry.t_max_s},
+            "geometry": dataclasses.asdict(self.geometry),  # bits_low too: the joint pricing of several precisions
         }
         if self.ppo is not None:
             state["ppo"] = self.ppo.state_dict()
@@ -336,8 +335,7 @@ class RankPolicy:
         """Rebuild a saved policy on its own (no run, no model): to inspect it, or to act on a bandit."""
         from airlora.config import from_dict
 
-        g = state["geometry"]
-        geometry = Geometry(g["bits_per_rank"], g["reserved_bits"], g["t_max_s"], state["r_max"])
+        geometry = Geometry(**{"r_max": state["r_max"], **state["geometry"]})  # files before bits_low: one precision
         policy = cls(state["keys"], geometry, from_dict(PolicyConfig, state["config"], "policy."),
                      state["reward_lambda"], state["seed"])
         policy.load_policy(state, source)
