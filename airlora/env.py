@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, StepOutcome, split_decision
 from airlora.session import Session
-from airlora.state import HEAD_FEATURES, state_vector
-from airlora.trainer import FineTuner
+from airlora.state import HEAD_FEATURES, state_of
+from airlora.trainer import FineTuner, context
 
 
 class RankAllocationEnv(gym.Env):
@@ -57,16 +57,10 @@ class RankAllocationEnv(gym.Env):
         torch.manual_seed(seed)
 
     def _observation(self) -> np.ndarray:
-        s = self.session
-        batch = s.train_batches.batch(self.global_step)
-        ranks = [s.adapters.ranks()[k] for k in self.keys]
-        return state_vector(s.snr.snr_db(self.global_step), s.bandwidth_hz, batch.lexical_entropy,
-                            batch.oov_rate, ranks, self.r_max, self.global_step / s.config.train.steps)
+        return state_of(self.context(), self.keys)
 
     def context(self) -> AllocationContext:
         """What an airlora ``Allocator`` sees before the next step: the same context the trainer builds."""
-        from airlora.trainer import context
-
         return context(self.session, self.global_step, self.session.adapters.ranks())
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -105,8 +99,6 @@ def drive_env(env: RankAllocationEnv, allocator: Allocator, steps: int) -> list[
     So the trainer, this environment and the bandit (``airlora.bandit.drive``) drive an allocator the same way. The
     env picks precisions by its projection; ``outcome.model`` is the env's model, gradients dropped already.
     """
-    from airlora.allocators.base import split_decision
-
     rewards = []
     for _ in range(steps):
         ctx = env.context()

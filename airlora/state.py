@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from airlora.allocators.base import AllocationContext
 
 SNR_RANGE_DB = (-20.0, 40.0)
 """SNR values mapped linearly onto [0, 1] (clipped outside)."""
@@ -34,3 +38,9 @@ def state_vector(snr_db: float, bandwidth_hz: float, lexical_entropy: float, oov
     ]
     vector = np.concatenate([np.asarray(head, dtype=np.float64), np.asarray(ranks, dtype=np.float64) / r_max])
     return np.clip(np.nan_to_num(vector, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+def state_of(ctx: AllocationContext, keys: list[str]) -> np.ndarray:
+    """``state_vector`` of what an allocator sees before a step, the ranks in the order of ``keys``."""
+    return state_vector(ctx.snr_db, ctx.bandwidth_hz, ctx.lexical_entropy, ctx.oov_rate, [ctx.ranks[k] for k in keys],
+                        ctx.budget.r_max, ctx.progress)

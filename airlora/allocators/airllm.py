@@ -25,7 +25,7 @@ from airlora.config import RunConfig
 from airlora.policy.hierarchical import Geometry, RankPolicy, load_policy_file
 from airlora.policy.threads import single_thread
 from airlora.ranks import RankMap
-from airlora.state import state_vector
+from airlora.state import state_of
 
 POLICY_FILE = "policy.pt"
 METRICS_FILE = "policy_metrics.csv"
@@ -57,9 +57,7 @@ class AirLLMAllocator(Allocator):
             self.policy.load_policy(load_policy_file(path), f"--policy {str(path)!r}")
 
     def _state(self, ctx: AllocationContext) -> torch.Tensor:
-        ranks = [ctx.ranks[k] for k in self.keys]
-        return torch.from_numpy(state_vector(ctx.snr_db, ctx.bandwidth_hz, ctx.lexical_entropy, ctx.oov_rate, ranks,
-                                             ctx.budget.r_max, ctx.progress))  # (S,)
+        return torch.from_numpy(state_of(ctx, self.keys))  # (S,)
 
     def allocate(self, ctx: AllocationContext) -> RankMap:
         with single_thread():
