@@ -22,6 +22,7 @@ from airlora.deliveries import per_snr_deliveries
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic
 from airlora.session import Session, build_session
+from airlora.surrogate import PRETRAINED_DIR, pretrain_before_run
 from airlora.tracking import TENSORBOARD_DIR, WANDB_DIR, Tracker, open_tracker, resolve_report_to
 from airlora.trainer import TrainResult, evaluate, restore, train, write_step_files
 
@@ -30,9 +31,10 @@ RUN_FILES = ("config.json", "metrics.csv", "ranks.csv", "precisions.csv", "summa
 """Every file name a run writes into its folder (policy.*: the airllm allocator's ``save``), besides these patterns."""
 RUN_FILE_PATTERNS = ("checkpoint-*.pt", ".*.tmp")
 """Checkpoints, and the temporary files of atomic writes a killed run can leave."""
-RUN_DIRS = (TENSORBOARD_DIR, WANDB_DIR, "figures")
+RUN_DIRS = (TENSORBOARD_DIR, WANDB_DIR, "figures", PRETRAINED_DIR)
 """Folders a run writes (its live logs, ``airlora.tracking``) or that are made from it (``airlora report RUN``'s
-figures, with report.md among RUN_FILES): replaced with the run by ``--overwrite``."""
+figures, with report.md among RUN_FILES), and the policy it pretrained first: replaced with the run by
+``--overwrite``."""
 
 
 def run_files(out: Path) -> tuple[list[Path], list[str]]:
@@ -190,11 +192,16 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
     resolved = resolved_config(session) | {"history": history}
     resolved["resolved"]["report_to"] = backend
     write_json_atomic(out / "config.json", resolved)
+    pretrained = None
+    if config.allocator == "airllm" and config.policy.pretrain.before_run and not config.policy.load_path:
+        session, pretrained = pretrain_before_run(session, out)
     tracker = open_tracker(backend, out, at, resolved)
     try:
         summary = _train_and_deliver(session, out, checkpoint, tracker, started)
     finally:
         tracker.close()
+    if pretrained is not None:
+        summary["pretrain"] = pretrained
     if command is not None:
         summary["command"] = command
     write_json_atomic(out / "summary.json", summary)

@@ -17,6 +17,8 @@ at the end of a run) sets the surrogate's scale against λ·η; the policy's cri
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,32 @@ def pretrain(session: Session, out: Path, progress: bool = True) -> dict[str, An
     }
     write_json_atomic(out / "calibration.json", record)
     return record
+
+
+PRETRAINED_DIR = "pretrained-policy"
+"""The folder of a run (policy.pretrain.before_run) that holds the policy it pretrained before training."""
+
+
+def pretrain_before_run(session: Session, out: Path) -> tuple[Session, dict[str, Any]]:
+    """policy.pretrain.before_run: pretrain ``session``'s airllm policy into ``out``/pretrained-policy/ and return
+    the session with a fresh allocator started from it (as ``--policy`` would), and what the run's summary keeps.
+
+    A finished pretraining (its calibration.json is written last) is reused, so a resumed run does not pretrain
+    again; one killed part-way is redone from the start.
+    """
+    from airlora.allocators import make_allocator
+    from airlora.config import merge
+
+    folder = out / PRETRAINED_DIR
+    record_path = folder / "calibration.json"
+    if not record_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        pretrain(session, folder, progress=session.config.train.progress)
+    record = json.loads(record_path.read_text())
+    config = merge(session.config, {"policy.load_path": str(folder / "policy.pt")})
+    kept = {key: record[key] for key in ("episodes", "calibration_s", "pretrain_s", "loss_gap", "noise_std",
+                                         "share_of_gap_on_surrogate")}
+    return dataclasses.replace(session, config=config, allocator=make_allocator(config)), kept
 
 
 POLICY_FILES = ("policy.pt", "policy_metrics.csv", "calibration.json", "config.json")

@@ -69,3 +69,27 @@ def test_pretrained_policy_is_saved_and_continues_in_a_run(tiny_config, tmp_path
     after = load_policy_file(tmp_path / "run" / "policy.pt")
     assert after["critic"]["count"] == pytest.approx(50 + tiny_config.train.steps)
     assert summary["budget_ok"]
+
+
+def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path):
+    # policy.pretrain.before_run: the run pretrains into RUN/pretrained-policy/ and trains on from that policy (its
+    # critic count is prior_steps + the run's steps; a fresh policy's would be the steps alone), and a second call
+    # (a resumed run) reuses the finished pretraining instead of redoing it
+    from airlora.surrogate import PRETRAINED_DIR, pretrain_before_run
+
+    config = merge(tiny_config, {"allocator": "airllm", "policy.pretrain.episodes": 40, "channel.bandwidth_hz": 1e5,
+                                 "policy.pretrain.probe_batches": 2, "policy.pretrain.before_run": True,
+                                 "policy.prior_steps": 50, **SMALL_POLICY})
+    summary = run(config, tmp_path / "run")
+    folder = tmp_path / "run" / PRETRAINED_DIR
+    assert load_policy_file(folder / "policy.pt")["critic"]["count"] == 40 * 5
+    assert load_policy_file(tmp_path / "run" / "policy.pt")["critic"]["count"] == pytest.approx(
+        50 + tiny_config.train.steps)
+    assert summary["pretrain"]["episodes"] == 40 and summary["pretrain"]["pretrain_s"] > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"] == summary["pretrain"]
+    stamp = (folder / "policy.pt").stat().st_mtime_ns
+    session, kept = pretrain_before_run(build_session(config), tmp_path / "run")
+    assert (folder / "policy.pt").stat().st_mtime_ns == stamp and kept == summary["pretrain"]
+    assert session.config.policy.load_path == str(folder / "policy.pt")
+    fresh = run(merge(config, {"policy.pretrain.before_run": False}), tmp_path / "plain")
+    assert "pretrain" not in fresh and not (tmp_path / "plain" / PRETRAINED_DIR).exists()

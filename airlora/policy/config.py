@@ -187,6 +187,10 @@ class PretrainConfig:
     0.897)."""
     noise_std: float = 0.1
     """σ of the surrogate's loss noise (a real run's batch-to-batch noise is ~0.1)."""
+    before_run: bool = False
+    """`airlora run` with the airllm allocator first pretrains its own policy on the surrogate (into the run's
+    pretrained-policy/ folder, with the run's seed) and trains on from it, as if started with --policy. A sweep
+    uses it so every seed pretrains its own policy; ignored when policy.load_path is set."""
 
     def __post_init__(self) -> None:
         _check(self.episodes >= 1, "policy.pretrain.episodes", "an integer >= 1", self.episodes)

@@ -16,8 +16,10 @@ SUMMARY_KEYS = (
     "steps_over_budget", "steps", "mean_reward", "mean_step_s", "mean_decision_s", "decision_overhead_ratio",
     "mean_apply_s", "wall_s", "ranks", "snr_db", "model", "dataset",
 )
-NEW_SUMMARY_KEYS = ("precisions", "on_air_bits", "delivery_overhead_bytes", "capacity_bps", "t_max_s", "head_bits")
-"""Summary keys of runs since the codecs (None in the rows of older runs)."""
+NEW_SUMMARY_KEYS = ("precisions", "on_air_bits", "delivery_overhead_bytes", "capacity_bps", "t_max_s", "head_bits",
+                    "deliveries", "pretrain")
+"""Summary keys of runs since the codecs (None in the rows of older runs, and where a run has none: deliveries with
+train.deliver_every_snr, pretrain with policy.pretrain.before_run)."""
 
 
 def method_of(allocator: str, variant: str) -> str:
