@@ -194,7 +194,7 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
     write_json_atomic(out / "config.json", resolved)
     pretrained = None
     if config.allocator == "airllm" and config.policy.pretrain.before_run and not config.policy.load_path:
-        session, pretrained = pretrain_before_run(session, out)
+        session, pretrained = pretrain_before_run(session, out, resume)
     tracker = open_tracker(backend, out, at, resolved)
     try:
         summary = _train_and_deliver(session, out, checkpoint, tracker, started)

@@ -117,20 +117,24 @@ PRETRAINED_DIR = "pretrained-policy"
 """The folder of a run (policy.pretrain.before_run) that holds the policy it pretrained before training."""
 
 
-def pretrain_before_run(session: Session, out: Path) -> tuple[Session, dict[str, Any]]:
+def pretrain_before_run(session: Session, out: Path, resume: bool) -> tuple[Session, dict[str, Any]]:
     """policy.pretrain.before_run: pretrain ``session``'s airllm policy into ``out``/pretrained-policy/ and return
     the session with a fresh allocator started from it (as ``--policy`` would), and what the run's summary keeps.
 
-    A finished pretraining (its calibration.json is written last) is reused, so a resumed run does not pretrain
-    again; one killed part-way is redone from the start.
+    A resumed run reuses a finished pretraining (its calibration.json is written last; the resume has checked that
+    the settings are the run's); a new run, or a pretraining killed part-way, starts from an empty folder, so a
+    policy left by another run in the same folder is never taken for this one's.
     """
+    import shutil
+
     from airlora.allocators import make_allocator
     from airlora.config import merge
 
     folder = out / PRETRAINED_DIR
     record_path = folder / "calibration.json"
-    if not record_path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+    if not (resume and record_path.is_file()):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         pretrain(session, folder, progress=session.config.train.progress)
     record = json.loads(record_path.read_text())
     config = merge(session.config, {"policy.load_path": str(folder / "policy.pt")})

@@ -50,9 +50,9 @@ def base_config() -> RunConfig:
     """paper-cpu-v2's run settings (its base section) with the default policy."""
     import yaml
 
-    sweep = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "paper-cpu-v2.yaml").read_text())
     from airlora.config import flatten
 
+    sweep = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "paper-cpu-v2.yaml").read_text())
     over = {k: v for k, v in flatten(sweep["base"]).items() if not k.startswith("policy.pretrain")}
     return merge(RunConfig(), {**over, "allocator": "airllm", "train.progress": False})
 
@@ -100,12 +100,14 @@ def train_and_score(train_on: str, score_on: list[str], seed: int, all_bandits: 
 
 
 def heuristic_share(bandit: RankBandit) -> float:
+    """The channel heuristic's share of the gap on ``bandit`` (it does not learn: no training)."""
     config = merge(base_config(), {"allocator": "heuristic"})
     return share_of_gap(bandit, evaluate(bandit, make_allocator(config), 0, 1, dict.fromkeys(bandit.keys,
                                                                                                bandit.r_max)))
 
 
 def _mean_ci(values: list[float]) -> str:
+    """'mean ± 95 % half-width' over seeds (a share is nan where the condition's optimum is uniform itself)."""
     from scipy import stats
 
     if len(values) < 2:
@@ -115,6 +117,7 @@ def _mean_ci(values: list[float]) -> str:
 
 
 def table(runs: list[dict], heuristic: dict[str, float]) -> str:
+    """Markdown: per condition, the source policy's share, the retrained one's, their paired gap, the heuristic's."""
     lines = ["| condition | source policy, no retraining | retrained there | gap (retrained − source) | heuristic |",
              "|---|---|---|---|---|"]
     source_runs = [r for r in runs if r["trained_on"] == SOURCE]

@@ -3,7 +3,7 @@
 import pytest
 
 from airlora.sweep.claims import claims
-from airlora.sweep.goal import compare
+from airlora.sweep.goal import compare, goal
 
 
 def row(method, seed, accuracy, ranks, bits, precisions=None, **extra):
@@ -49,3 +49,27 @@ def test_goal_compares_with_the_most_accurate_baseline_seed_by_seed():
     late = [dict(r, steps_over_budget=1) if r["method"] == "heuristic" and r["seed"] == 2 else r for r in rows]
     assert not compare(late)["in_budget"] and not compare(late)["met"]
     assert compare([r for r in rows if r["method"] == "uniform"]) is None
+
+
+def test_every_snr_delivered_from_one_run_is_compared_per_snr():
+    def delivery(snr, accuracy, rank, bits):
+        return {"snr_db": snr, "test_accuracy": accuracy, "ranks": {"a": rank}, "precisions": {"a": 8},
+                "transmitted_params": 10 * rank, "transmitted_bits": bits - 5, "on_air_bits": bits, "budget_ok": True}
+
+    rows = []
+    for s in range(3):
+        rows += [row("ppo+ddim-mlp", s, 0.85, {"a": 1}, 50, deliveries=[
+                     delivery(-5.0, 0.80 + 0.01 * s, 1, 50), delivery(10.0, 0.84 + 0.01 * s, 2, 100)]),
+                 row("uniform", s, 0.86, {"a": 2}, 100, deliveries=[
+                     delivery(-5.0, 0.78 + 0.01 * s, 1, 60), delivery(10.0, 0.86 + 0.01 * s, 4, 200)])]
+    check = goal(rows)
+    assert set(check["per_snr"]) == {"-5", "10"}
+    low, high = check["per_snr"]["-5"], check["per_snr"]["10"]
+    assert low["accuracy_diff"] == pytest.approx(0.02) and low["bits_ratio"] == pytest.approx(50 / 60)
+    assert not low["met"]  # more accurate, but 83 % of the bits
+    assert high["accuracy_diff"] == pytest.approx(-0.02) and high["bits_ratio"] == pytest.approx(0.5)
+    assert not high["met"]  # half the bits, but less accurate
+    assert check["delivery"]["accuracy_diff"] == pytest.approx(-0.01)  # the runs' own deliveries, not a per-SNR one
+    table = claims(rows)
+    assert line(table, "AirLLM is more accurate than Uniform delivered at -5 dB")[4] == "holds"
+    assert line(table, "AirLLM is more accurate than Uniform delivered at 10 dB")[4] == "does not hold"

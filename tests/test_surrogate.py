@@ -71,6 +71,10 @@ def test_pretrained_policy_is_saved_and_continues_in_a_run(tiny_config, tmp_path
     assert summary["budget_ok"]
 
 
+def saved_record(folder):
+    return json.loads((folder / "calibration.json").read_text())
+
+
 def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path):
     # policy.pretrain.before_run: the run pretrains into RUN/pretrained-policy/ and trains on from that policy (its
     # critic count is prior_steps + the run's steps; a fresh policy's would be the steps alone), and a second call
@@ -88,8 +92,12 @@ def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path):
     assert summary["pretrain"]["episodes"] == 40 and summary["pretrain"]["pretrain_s"] > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["pretrain"] == summary["pretrain"]
     stamp = (folder / "policy.pt").stat().st_mtime_ns
-    session, kept = pretrain_before_run(build_session(config), tmp_path / "run")
+    session, kept = pretrain_before_run(build_session(config), tmp_path / "run", resume=True)
     assert (folder / "policy.pt").stat().st_mtime_ns == stamp and kept == summary["pretrain"]
     assert session.config.policy.load_path == str(folder / "policy.pt")
+    # a new run into the folder (not a resume) pretrains its own, whatever another run left there
+    (folder / "calibration.json").write_text(json.dumps({**saved_record(folder), "episodes": 999}))
+    _, kept = pretrain_before_run(build_session(config), tmp_path / "run", resume=False)
+    assert kept["episodes"] == 40 and (folder / "policy.pt").stat().st_mtime_ns != stamp
     fresh = run(merge(config, {"policy.pretrain.before_run": False}), tmp_path / "plain")
     assert "pretrain" not in fresh and not (tmp_path / "plain" / PRETRAINED_DIR).exists()

@@ -190,7 +190,8 @@ class PretrainConfig:
     before_run: bool = False
     """`airlora run` with the airllm allocator first pretrains its own policy on the surrogate (into the run's
     pretrained-policy/ folder, with the run's seed) and trains on from it, as if started with --policy. A sweep
-    uses it so every seed pretrains its own policy; ignored when policy.load_path is set."""
+    uses it so every seed pretrains its own policy; ignored when policy.load_path is set. The summary's wall_s
+    includes the pretraining; its ``pretrain`` entry has the calibration and pretraining times."""
 
     def __post_init__(self) -> None:
         _check(self.episodes >= 1, "policy.pretrain.episodes", "an integer >= 1", self.episodes)

@@ -41,7 +41,7 @@ def _claim(claim: str, ours: str, diff: Estimate, sign: int, scale: float, unit:
     return [claim, ours, f"{diff.format(2, scale)} {unit}".strip(), shown, verdict(diff, sign)]
 
 
-def delivered(row: Row) -> tuple:
+def delivered(row: Row) -> tuple[tuple, tuple, int | None]:
     """What a run delivered: its ranks and precisions per module and its on-air bits (older rows: the ranks and
     the transmitted bits)."""
     ranks = tuple(sorted(row["ranks"].items()))
@@ -64,7 +64,8 @@ def _accuracy_claim(claim: str, ours: str, rows: list[Row], a: Callable[[Row], b
 
 
 def claims(rows: list[Row]) -> list[list[str]]:
-    """One line per claim whose experiment is in ``rows``: [claim, our comparison, difference, verdict]."""
+    """One line per claim whose experiment is in ``rows``: [claim, our comparison, difference, pairs delivering
+    different adapters, verdict]."""
     out = []
     table3, snr, rmax = of(rows, "table3"), of(rows, "snr"), of(rows, "r_max")
     per_snr = not snr
@@ -88,8 +89,9 @@ def claims(rows: list[Row]) -> list[list[str]]:
         late = {m: _values(table3, _method(m), "reward_curve") for m in (AIRLLM, "ppo")}
         diff = paired({k: _late_reward({"reward_curve": v}) for k, v in late[AIRLLM].items()},
                       {k: _late_reward({"reward_curve": v}) for k, v in late["ppo"].items()})
+        after = " (both started from pretrained policies)" if any(r.get("pretrain") for r in table3) else ""
         out.append(_claim("PPO+DDIM converges faster than PPO (20–30 % faster)",
-                          "mean reward over the second half of training, AirLLM − PPO", diff, 1, 1, ""))
+                          f"mean reward over the second half of training{after}, AirLLM − PPO", diff, 1, 1, ""))
     for snr_value in sorted({r["snr_setting"] for r in snr}, key=float):
         at = [r for r in snr if r["snr_setting"] == snr_value]
         for other in ("adalora", "uniform", "heuristic", "random"):
