@@ -21,7 +21,7 @@ from airlora.data import split_statistics
 from airlora.deliveries import per_snr_deliveries
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic
-from airlora.session import Session, build_session
+from airlora.session import Session, build_session, resolved_config
 from airlora.surrogate import PRETRAINED_DIR, pretrain_before_run
 from airlora.tracking import TENSORBOARD_DIR, WANDB_DIR, Tracker, open_tracker, resolve_report_to
 from airlora.trainer import TrainResult, evaluate, restore, train, write_step_files
@@ -263,20 +263,6 @@ def write_adapter(session: Session, path: Path, precisions: dict[str, int] | Non
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
-
-
-def resolved_config(session: Session) -> dict[str, Any]:
-    """The config as run, with derived values (model folder, bandwidth actually used) filled in."""
-    data = session.config.to_dict()
-    data["resolved"] = {
-        "model_dir": str(session.model_dir),
-        "bandwidth_hz": session.bandwidth_hz,
-        "bandwidth_is_scale_matched": session.bandwidth_is_scale_matched,
-        "architecture_family": session.module_map.family,
-        "num_layers": session.module_map.num_layers,
-        "dataset_sizes": session.splits.sizes(),
-    }
-    return data
 
 
 def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_s: float) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import random
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,3 +160,17 @@ def build_session(config: RunConfig) -> Session:
         bandwidth_is_scale_matched=scale_matched, snr=SnrSchedule(config.channel, seed),
         allocator=make_allocator(config), device=device,
     )
+
+
+def resolved_config(session: Session) -> dict[str, Any]:
+    """The config as run, with derived values (model folder, bandwidth actually used) filled in."""
+    data = session.config.to_dict()
+    data["resolved"] = {
+        "model_dir": str(session.model_dir),
+        "bandwidth_hz": session.bandwidth_hz,
+        "bandwidth_is_scale_matched": session.bandwidth_is_scale_matched,
+        "architecture_family": session.module_map.family,
+        "num_layers": session.module_map.num_layers,
+        "dataset_sizes": session.splits.sizes(),
+    }
+    return data

@@ -30,7 +30,7 @@ from airlora.bandit import RankBandit, drive, share_of_gap
 from airlora.config import RunConfig
 from airlora.errors import AirloraError
 from airlora.policy.threads import single_thread
-from airlora.session import Session
+from airlora.session import Session, resolved_config
 
 
 def gradient_spectra(session: Session, probe_batches: int) -> dict[str, np.ndarray]:
@@ -154,7 +154,6 @@ def pretrain_policy(config: RunConfig, out: Path, overwrite: bool = False) -> di
     policy there is replaced only with ``overwrite``, and a rejected input leaves no folder behind.
     """
     from airlora.io import write_json_atomic
-    from airlora.runner import resolved_config
     from airlora.session import build_session
 
     out = Path(out)
