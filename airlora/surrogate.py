@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from airlora.allocators import make_allocator
 from airlora.bandit import RankBandit, drive, share_of_gap
-from airlora.config import RunConfig
+from airlora.config import RunConfig, merge
 from airlora.errors import AirloraError
 from airlora.policy.threads import single_thread
 from airlora.session import Session, resolved_config
@@ -125,11 +127,6 @@ def pretrain_before_run(session: Session, out: Path, resume: bool) -> tuple[Sess
     the settings are the run's); a new run, or a pretraining killed part-way, starts from an empty folder, so a
     policy left by another run in the same folder is never taken for this one's.
     """
-    import shutil
-
-    from airlora.allocators import make_allocator
-    from airlora.config import merge
-
     folder = out / PRETRAINED_DIR
     record_path = folder / "calibration.json"
     if not (resume and record_path.is_file()):

@@ -41,12 +41,17 @@ def _claim(claim: str, ours: str, diff: Estimate, sign: int, scale: float, unit:
     return [claim, ours, f"{diff.format(2, scale)} {unit}".strip(), shown, verdict(diff, sign)]
 
 
-def delivered(row: Row) -> tuple[tuple, tuple, int | None]:
+def on_air_bits(row: Row) -> int:
+    """The bits a run's delivery put on the air (rows from before the codecs: its transmitted bits)."""
+    return row.get("on_air_bits") or row["transmitted_bits"]
+
+
+def delivered(row: Row) -> tuple[tuple, tuple, int]:
     """What a run delivered: its ranks and precisions per module and its on-air bits (older rows: the ranks and
     the transmitted bits)."""
     ranks = tuple(sorted(row["ranks"].items()))
     precisions = tuple(sorted((row.get("precisions") or {}).items()))
-    return ranks, precisions, row.get("on_air_bits") or row.get("transmitted_bits")
+    return ranks, precisions, on_air_bits(row)
 
 
 def differing(rows: list[Row], a: Callable[[Row], bool], b: Callable[[Row], bool]) -> tuple[int, int]:

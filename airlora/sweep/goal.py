@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airlora.sweep.claims import AIRLLM, delivery_rows, differing
+from airlora.sweep.claims import AIRLLM, delivery_rows, differing, on_air_bits
 from airlora.sweep.stats import mean_ci, paired
 from airlora.sweep.tables import label, markdown
 
@@ -16,10 +16,6 @@ Row = dict[str, Any]
 BASELINES = ("adalora", "uniform", "heuristic")
 BITS_SHARE = 0.75
 """The most of the best baseline's on-air bits AirLLM may use for the goal."""
-
-
-def _bits(row: Row) -> int:
-    return row.get("on_air_bits") or row["transmitted_bits"]  # rows before the codecs have no on-air count
 
 
 def compare(rows: list[Row]) -> dict[str, Any] | None:
@@ -37,7 +33,7 @@ def compare(rows: list[Row]) -> dict[str, Any] | None:
         return None
     accuracy = paired({s: by[AIRLLM][s]["test_accuracy"] for s in seeds},
                       {s: by[best][s]["test_accuracy"] for s in seeds})
-    bits = mean_ci([_bits(by[AIRLLM][s]) / _bits(by[best][s]) for s in seeds])
+    bits = mean_ci([on_air_bits(by[AIRLLM][s]) / on_air_bits(by[best][s]) for s in seeds])
     compared = [r for m in (AIRLLM, *BASELINES) for r in by[m].values()]
     in_budget = all(r["budget_ok"] and not r.get("steps_over_budget") for r in compared)
     changed, pairs = differing(rows, lambda r: r["method"] == AIRLLM, lambda r: r["method"] == best)
