@@ -52,8 +52,10 @@ def ensure_pad_token(tokenizer: Any) -> int:
     return int(tokenizer.pad_token_id)
 
 
-class _EncodedSplit:
-    """A split tokenised and split into words once: flat arrays plus row offsets, so a batch is only slicing."""
+class EncodedSplit:
+    """A split tokenised and split into words once: flat arrays plus row offsets, so a batch is only slicing.
+
+    Nothing changes it after it is built, so runs may share one (``airlora.loader.WarmCache``)."""
 
     def __init__(self, split: TextSplit, tokenizer: Any, max_length: int, vocabulary: set[str] | None):
         self.pad_id = ensure_pad_token(tokenizer)
@@ -72,7 +74,11 @@ class _EncodedSplit:
         self.word_offsets = np.concatenate([[0], np.cumsum([len(ws) for ws in per_sentence])])
         self.word_ids = np.fromiter(itertools.chain.from_iterable(per_sentence), np.int64, int(self.word_offsets[-1]))
         self.word_is_oov = None if vocabulary is None else np.array([w not in vocabulary for w in word_index], bool)
-        self.labels = torch.as_tensor(split.labels, dtype=torch.int64)
+        self.labels = torch.as_tensor(split.labels, dtype=torch.int64).clone()
+        for array in (self.lengths, self.offsets, self.ids, self.type_ids, self.word_offsets, self.word_ids,
+                      self.word_is_oov):
+            if array is not None:
+                array.flags.writeable = False  # shared between runs: a write would be a bug, so it raises
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -114,12 +120,11 @@ class TrainBatches:
     (dynamic padding pads to the longest in the batch), while which examples meet in a chunk stays random.
     """
 
-    def __init__(self, split: TextSplit, tokenizer: Any, batch_size: int, max_length: int, vocabulary: set[str],
-                 seed: int, bucket_batches: int = 1):
-        if len(split) == 0:
+    def __init__(self, encoded: EncodedSplit, batch_size: int, seed: int, bucket_batches: int = 1):
+        if len(encoded) == 0:
             raise ValueError("TrainBatches needs a non-empty split")
         self.batch_size, self.seed, self.bucket_batches = batch_size, seed, bucket_batches
-        self._encoded = _EncodedSplit(split, tokenizer, max_length, vocabulary)
+        self._encoded = encoded
         self._permutations: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -161,12 +166,10 @@ class TrainBatches:
         return self._encoded.collate(rows)
 
 
-def eval_batches(split: TextSplit, tokenizer: Any, batch_size: int, max_length: int,
-                 vocabulary: set[str] | None = None) -> list[Batch]:
+def eval_batches(encoded: EncodedSplit, batch_size: int) -> list[Batch]:
     """Validation/test batches sorted by token length to cut padding; ``Batch.indices`` restores the split order.
 
-    Build them once per split and reuse the list for every evaluation: tokenisation happens here, not per pass.
+    Build them once per split and reuse the list for every evaluation.
     """
-    encoded = _EncodedSplit(split, tokenizer, max_length, vocabulary)
     order = np.argsort(encoded.lengths, kind="stable")
     return [encoded.collate(order[start:start + batch_size]) for start in range(0, len(order), batch_size)]

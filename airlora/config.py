@@ -146,6 +146,10 @@ class DataConfig:
     """Validation examples held out of the training data (deterministic, seeded)."""
     test_size: int = 2000
     """Test examples held out when the source has no test split of its own (the tweets)."""
+    val_subset: int | None = None
+    """Validation examples each validation pass uses: a seeded draw of this many from the validation split, the same
+    at every pass (so checkpoints are compared on the same examples; val_accuracy is measured on them). A pass costs
+    in proportion. None: the whole validation split."""
     max_train_examples: int | None = None
     """Cap on training examples (None: all), for quick runs."""
     vocab_file: str | None = None
@@ -159,6 +163,8 @@ class DataConfig:
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", "an integer >= 1", self.eval_batch_size)
         _check(self.val_size >= 1, "data.val_size", "an integer >= 1", self.val_size)
         _check(self.test_size >= 1, "data.test_size", "an integer >= 1", self.test_size)
+        _check(self.val_subset is None or self.val_subset >= 1, "data.val_subset", "null or an integer >= 1",
+               self.val_subset)
         _check(self.max_train_examples is None or self.max_train_examples >= 1, "data.max_train_examples",
                "null or an integer >= 1", self.max_train_examples)
 
@@ -181,6 +187,10 @@ class TrainConfig:
     """Steps between rank decisions (the paper decides every step)."""
     eval_every: int = 100
     """Steps between validation passes (paper: 100)."""
+    eval_on_change: bool = False
+    """Validate at an ``eval_every`` step only when the delivery decision (ranks and precisions at the delivery SNR)
+    differs from the last one validated; the last step is always validated. A skipped step is no checkpoint candidate
+    and does not count towards ``patience``. False: validate at every ``eval_every`` step (the paper's rule)."""
     patience: int = 5
     """Early stop after this many evaluations without a validation gain, once the reward has converged."""
     checkpoint_every: int = 50

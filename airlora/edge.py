@@ -171,7 +171,7 @@ def accuracy(model: torch.nn.Module, batches: list[Any]) -> float:
 def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
                   expected_sha256: str | None = None) -> dict[str, Any]:
     """Verify, attach and evaluate a delivery as a device would; the JSON-ready result."""
-    from airlora.batching import eval_batches
+    from airlora.batching import EncodedSplit, eval_batches
     from airlora.data import load_splits
     from airlora.models import load_model
     from airlora.session import seed_everything
@@ -191,7 +191,7 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     data_config = dict(record["data"], **({"source": data} if data else {}))
     config = from_dict(DataConfig, data_config, "data.")
     splits = load_splits(config, record["seed"])
-    batches = eval_batches(splits.test, tokenizer, config.eval_batch_size, config.max_length)
+    batches = eval_batches(EncodedSplit(splits.test, tokenizer, config.max_length, None), config.eval_batch_size)
     test_accuracy = accuracy(model, batches)
     cloud = record["cloud_test_accuracy"]
     return {

@@ -85,8 +85,27 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+@dataclass
+class Pretrained:
+    """A checkpoint loaded as a sequence classifier, and which of its parameters the checkpoint did not hold."""
+
+    model: nn.Module
+    tokenizer: object
+    path: Path
+    """The checkpoint folder."""
+    new_keys: frozenset[str]
+    """Parameters ``from_pretrained`` initialised from the global RNG because the checkpoint lacks them (the task
+    head: ``classifier.weight``, ``classifier.bias`` for a sentence encoder; ``score.weight`` for OPT)."""
+
+
 def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path]:
     """Load (model, tokenizer, folder) for sequence classification from a local checkpoint."""
+    loaded = load_pretrained(model, num_labels)
+    return loaded.model, loaded.tokenizer, loaded.path
+
+
+def load_pretrained(model: str, num_labels: int = 2) -> Pretrained:
+    """``load_model``, also telling which parameters were newly initialised (``Pretrained.new_keys``)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -96,7 +115,8 @@ def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path
     hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would stand before any error message
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        net, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                       output_loading_info=True)
     except (OSError, ValueError) as err:
         raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
     finally:
@@ -106,7 +126,8 @@ def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path
     pad_id = ensure_pad_token(tokenizer)
     if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
         net.config.pad_token_id = pad_id
-    return net, tokenizer, path
+    mismatched = {key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())}
+    return Pretrained(net, tokenizer, path, frozenset(info["missing_keys"]) | frozenset(mismatched))
 
 
 def _layer_linears(model: nn.Module) -> dict[int, dict[str, nn.Linear]]:

@@ -21,6 +21,7 @@ from airlora.data import split_statistics
 from airlora.deliveries import per_snr_deliveries
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic
+from airlora.loader import Loader
 from airlora.session import Session, build_session, resolved_config
 from airlora.surrogate import PRETRAINED_DIR, pretrain_before_run
 from airlora.tracking import TENSORBOARD_DIR, WANDB_DIR, Tracker, open_tracker, resolve_report_to
@@ -107,9 +108,9 @@ def saved_history(out: Path) -> list[dict[str, Any]]:
     return list(_read_config_json(out).get("history", []))
 
 
-RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.checkpoint_every",
-                     "train.patience", "train.progress", "train.threads", "train.device", "train.autocast",
-                     "train.report_to")
+RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.eval_on_change",
+                     "train.checkpoint_every", "train.patience", "train.progress", "train.threads", "train.device",
+                     "train.autocast", "train.report_to")
 """Settings a resumed run may change: none of them changes the steps already run, only the ones to come.
 
 The lr schedule goes on from where it stood (see ``continue_schedule``); every change is recorded in config.json's
@@ -163,12 +164,13 @@ def continue_schedule(state: dict[str, Any], saved: RunConfig, config: RunConfig
 
 
 def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: bool = False,
-        command: str | None = None) -> dict[str, Any]:
+        command: str | None = None, loader: Loader | None = None) -> dict[str, Any]:
     """Run one fine-tuning job end to end and return its summary (also written to ``out``).
 
     ``resume`` continues the run in ``out`` from its last checkpoint (or from the start when it was stopped before
     its first one); a folder without the config.json of a started run is an error. ``command``: the command line
-    that started it, kept in the summary (the model card quotes it).
+    that started it, kept in the summary (the model card quotes it). ``loader``: where the model and data come from
+    (``airlora.loader``: a sweep worker's ``WarmCache``; by default read afresh).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -187,7 +189,9 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
         if checkpoint is not None and changes:
             continue_schedule(checkpoint, saved, config)
         history += [{"step": at, **change} for change in changes]
-    session = build_session(config)
+    t0 = time.perf_counter()
+    session = build_session(config, loader)
+    setup_s = time.perf_counter() - t0
     start_out_dir(out, overwrite)
     resolved = resolved_config(session) | {"history": history}
     resolved["resolved"]["report_to"] = backend
@@ -200,6 +204,7 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
         summary = _train_and_deliver(session, out, checkpoint, tracker, started)
     finally:
         tracker.close()
+    summary["setup_s"] = setup_s
     if pretrained is not None:
         summary["pretrain"] = pretrained
     if command is not None:
@@ -325,6 +330,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "mean_apply_s": float(np.mean([r["apply_s"] for r in rows])),
         "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
         "eval_s": result.eval_s,
+        "validations_skipped": result.validations_skipped,
         "train_s": result.train_s,
         "resumed_from_step": result.resumed_from_step,
         "wall_s": wall_s,

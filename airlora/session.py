@@ -20,11 +20,11 @@ from airlora.bundle import overhead_bound_bytes
 from airlora.channel import Budget, SnrSchedule, capacity_bps, scale_matched_bandwidth_hz
 from airlora.codecs import codec
 from airlora.config import RunConfig
-from airlora.data import Splits, load_splits
+from airlora.data import Splits, TextSplit, make_splits
 from airlora.dropout import use_fast_dropout
 from airlora.errors import AirloraError
-from airlora.models import ModuleMap, count_parameters, head_parameters, load_model, resolve_modules
-from airlora.textstats import load_vocabulary, reference_vocabulary
+from airlora.loader import Loader
+from airlora.models import ModuleMap, count_parameters, head_parameters, resolve_modules
 
 
 def seed_everything(seed: int) -> None:
@@ -125,12 +125,17 @@ class Session:
         return sum(r * (2 * self.module_map.hidden_size + 1) for r in ranks.values()) + self.head_params
 
 
-def build_session(config: RunConfig) -> Session:
-    """Load and wire up every part of a run; errors in any input surface here, before training."""
+def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
+    """Load and wire up every part of a run; errors in any input surface here, before training.
+
+    ``loader``: where the model, data and tokenised splits come from (``airlora.loader``; a sweep worker passes its
+    ``WarmCache``); by default they are read afresh. The session is the same either way.
+    """
+    loader = loader or Loader()
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     seed = config.train.seed
     seed_everything(seed)
-    model, tokenizer, model_dir = load_model(config.model)
+    model, tokenizer, model_dir = loader.model(config.model)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
     if config.train.fast_dropout:
@@ -143,13 +148,14 @@ def build_session(config: RunConfig) -> Session:
     for p in head.values():
         p.requires_grad_(True)
 
-    splits = load_splits(config.data, seed)
-    vocabulary = load_vocabulary(config.data.vocab_file) if config.data.vocab_file else reference_vocabulary(tokenizer)
     data = config.data
-    train_batches = TrainBatches(splits.train, tokenizer, data.batch_size, data.max_length, vocabulary, seed,
-                                 data.bucket_batches)
-    val_batches = eval_batches(splits.validation, tokenizer, data.eval_batch_size, data.max_length)
-    test_batches = eval_batches(splits.test, tokenizer, data.eval_batch_size, data.max_length)
+    splits = make_splits(loader.source(data.source), data, seed)
+    vocabulary = loader.vocabulary(data, tokenizer)
+    train_batches = TrainBatches(loader.encode(splits.train, tokenizer, data.max_length, vocabulary), data.batch_size,
+                                 seed, data.bucket_batches)
+    validation = validation_subset(splits.validation, data.val_subset, seed)
+    val_batches = eval_batches(loader.encode(validation, tokenizer, data.max_length, None), data.eval_batch_size)
+    test_batches = eval_batches(loader.encode(splits.test, tokenizer, data.max_length, None), data.eval_batch_size)
 
     scale_matched = config.channel.bandwidth_hz is None
     bandwidth = scale_matched_bandwidth_hz(module_map.shapes) if scale_matched else config.channel.bandwidth_hz
@@ -160,6 +166,15 @@ def build_session(config: RunConfig) -> Session:
         bandwidth_is_scale_matched=scale_matched, snr=SnrSchedule(config.channel, seed),
         allocator=make_allocator(config), device=device,
     )
+
+
+def validation_subset(split: TextSplit, size: int | None, seed: int) -> TextSplit:
+    """The examples every validation pass uses: ``data.val_subset`` of the validation split, a seeded draw (the same
+    at every pass, so checkpoints are compared on the same examples), or all of it."""
+    if size is None or size >= len(split):
+        return split
+    rows = np.random.default_rng([seed, 2]).permutation(len(split))[:size]  # its own stream: no global draw
+    return split.take(np.sort(rows))
 
 
 def resolved_config(session: Session) -> dict[str, Any]:

@@ -76,6 +76,8 @@ class TrainResult:
     """The checkpoint step this process continued from, or None."""
     final_precisions: dict[str, int] | None = None
     """The precisions applied at the last step."""
+    validations_skipped: int = 0
+    """Validation passes ``train.eval_on_change`` skipped (the decision was the one last validated)."""
     rank_rows: list[dict[str, Any]] = field(default_factory=list)
     """Per step: its index and every module's applied rank (ranks.csv)."""
     precision_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -196,6 +198,10 @@ class LoopState:
     """The precisions applied at the last step run (None: the highest allowed)."""
     rank_rows: list[dict[str, Any]] = field(default_factory=list)
     precision_rows: list[dict[str, Any]] = field(default_factory=list)
+    validated: tuple[dict[str, int], dict[str, int]] | None = None
+    """The delivery decision (ranks, precisions) of the last validation pass (``train.eval_on_change``)."""
+    validations_skipped: int = 0
+    """Validation passes ``train.eval_on_change`` skipped."""
 
 
 def write_step_files(out: Path, rows: list[dict[str, Any]], rank_rows: list[dict[str, Any]],
@@ -285,12 +291,19 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
 
         # 4. evaluation as it would be delivered (ranks, codecs), best checkpoint, the paper's early-stop rule
         last = step == cfg.train.steps - 1
-        if (step + 1) % cfg.train.eval_every == 0 or last:
+        validate = (step + 1) % cfg.train.eval_every == 0 or last
+        if validate:
             t2 = time.perf_counter()
             delivery_snr = delivery_snr_db(session)
             delivered = delivery_decision(session, delivery_snr, step + 1, ranks, loop.rows + [row], precisions)
+            if cfg.train.eval_on_change and not last and delivered == loop.validated:
+                validate = False  # the decision last validated: no candidate, and patience does not count it
+                loop.validations_skipped += 1
+                loop.eval_s += time.perf_counter() - t2
+        if validate:
             with session.as_delivered(*delivered):
                 val_acc = evaluate(session, session.val_batches)
+            loop.validated = delivered
             loop.eval_s += time.perf_counter() - t2
             row["val_accuracy"] = val_acc
             # checkpoints before the allocator's first deliverable step are neither delivered nor counted
@@ -333,7 +346,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     assert loop.best is not None  # the last step always evaluates
     return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step,
-                       loop.precisions, loop.rank_rows, loop.precision_rows)
+                       loop.precisions, loop.validations_skipped, loop.rank_rows, loop.precision_rows)
 
 
 def delivery_snr_db(session: Session) -> float:
@@ -388,6 +401,8 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "rewards_since_eval": loop.rewards_since_eval,
         "nothing_fits_steps": loop.nothing_fits_steps,
         "precisions": loop.precisions,
+        "validated": loop.validated,
+        "validations_skipped": loop.validations_skipped,
         "eval_s": loop.eval_s,
         "elapsed_s": loop.elapsed_s + time.perf_counter() - started,
         "adapters": session.adapters.state(),
@@ -423,6 +438,8 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
         nothing_fits_steps=state["nothing_fits_steps"], eval_s=state["eval_s"], elapsed_s=state["elapsed_s"],
         resumed_from_step=step, precisions=state.get("precisions"), rank_rows=state.get("rank_rows", []),
         precision_rows=state.get("precision_rows", []),
+        validated=None if state.get("validated") is None else tuple(state["validated"]),
+        validations_skipped=state.get("validations_skipped", 0),
     )
 
 

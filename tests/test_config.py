@@ -38,6 +38,8 @@ def test_yaml_with_nested_sections(tmp_path):
         ({"allocator": "greedy"}, "allocator"),
         ({"channel": {"snr_schedule": "trace"}}, "channel.snr_trace"),
         ({"train": []}, "train"),
+        ({"data": {"val_subset": 0}}, "data.val_subset"),
+        ({"train": {"eval_on_change": "yes"}}, "train.eval_on_change"),
     ],
 )
 def test_bad_values_name_the_field(data, field):

@@ -13,7 +13,7 @@ import pytest
 from datasets.data_files import DataFilesDict
 from datasets.packaged_modules.parquet.parquet import Parquet
 
-from airlora.batching import TrainBatches, ensure_pad_token, eval_batches
+from airlora.batching import EncodedSplit, TrainBatches, ensure_pad_token, eval_batches
 from airlora.config import DataConfig
 from airlora.data import TWEETS_FILE, Splits, TextSplit, load_splits
 from airlora.errors import AirloraError
@@ -298,20 +298,20 @@ def token_lengths(tokenizer, sentences: list[str], max_length: int = 64) -> list
 
 def test_train_batches_are_a_function_of_seed_and_step(split, tokenizer):
     vocabulary = reference_vocabulary(tokenizer)
-    a = TrainBatches(split, tokenizer, 5, 64, vocabulary, seed=3)
-    b = TrainBatches(split, tokenizer, 5, 64, vocabulary, seed=3)
+    a = TrainBatches(EncodedSplit(split, tokenizer, 64, vocabulary), 5, seed=3)
+    b = TrainBatches(EncodedSplit(split, tokenizer, 64, vocabulary), 5, seed=3)
     late = a.batch(11)
     a.batch(0)
     for x, y in ((late, a.batch(11)), (late, b.batch(11))):  # out of order, and in a fresh (resumed) instance
         assert np.array_equal(x.indices, y.indices)
         assert all(np.array_equal(x.inputs[k], y.inputs[k]) for k in x.inputs)
-    other = TrainBatches(split, tokenizer, 5, 64, vocabulary, seed=4)
+    other = TrainBatches(EncodedSplit(split, tokenizer, 64, vocabulary), 5, seed=4)
     assert not all(np.array_equal(a.batch(s).indices, other.batch(s).indices) for s in range(3))
 
 
 def test_every_example_once_per_epoch(split, tokenizer):
     n, b = len(split), 5
-    batches = TrainBatches(split, tokenizer, b, 64, set(), seed=0)
+    batches = TrainBatches(EncodedSplit(split, tokenizer, 64, set()), b, seed=0)
     steps = -(-3 * n // b)
     order = np.concatenate([batches.batch(s).indices for s in range(steps)])[: 3 * n].reshape(3, n)
     for epoch in order:
@@ -322,8 +322,8 @@ def test_every_example_once_per_epoch(split, tokenizer):
 
 def test_length_buckets_keep_the_epoch_and_cut_padding(split, tokenizer):
     n, b = len(split), 4
-    plain = TrainBatches(split, tokenizer, b, 64, set(), seed=0)
-    bucketed = TrainBatches(split, tokenizer, b, 64, set(), seed=0, bucket_batches=3)
+    plain = TrainBatches(EncodedSplit(split, tokenizer, 64, set()), b, seed=0)
+    bucketed = TrainBatches(EncodedSplit(split, tokenizer, 64, set()), b, seed=0, bucket_batches=3)
     steps = -(-n // b)
     order = np.concatenate([bucketed.batch(s).indices for s in range(steps)])[:n]
     assert sorted(order.tolist()) == list(range(n))  # still every example exactly once per epoch
@@ -334,7 +334,7 @@ def test_length_buckets_keep_the_epoch_and_cut_padding(split, tokenizer):
 
 
 def test_batch_is_padded_to_its_longest_sentence(split, tokenizer):
-    batch = TrainBatches(split, tokenizer, 6, 64, {"the", "film"}, seed=1).batch(2)
+    batch = TrainBatches(EncodedSplit(split, tokenizer, 64, {"the", "film"}), 6, seed=1).batch(2)
     sentences = [split.sentences[i] for i in batch.indices]
     lengths = token_lengths(tokenizer, sentences)
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
@@ -354,7 +354,7 @@ def test_truncation_and_left_padding(tokenizer, split):
     left = minilm_tokenizer()
     left.padding_side = "left"
     long = TextSplit(["word " * 100, "short one"], np.array([1, 0]))
-    batch = TrainBatches(long, left, 2, 8, set(), seed=0).batch(0)
+    batch = TrainBatches(EncodedSplit(long, left, 8, set()), 2, seed=0).batch(0)
     short = batch.indices.tolist().index(1)
     n = len(tokenizer("short one")["input_ids"])
     assert batch.inputs["input_ids"].shape == (2, 8)
@@ -362,7 +362,7 @@ def test_truncation_and_left_padding(tokenizer, split):
 
 
 def test_eval_batches_sorted_and_restorable(split, tokenizer):
-    batches = eval_batches(split, tokenizer, 4, 64)
+    batches = eval_batches(EncodedSplit(split, tokenizer, 64, None), 4)
     assert [len(b.indices) for b in batches] == [4] * 5 + [3]
     widths = [b.inputs["input_ids"].shape[1] for b in batches]
     assert widths == sorted(widths)
@@ -372,7 +372,7 @@ def test_eval_batches_sorted_and_restorable(split, tokenizer):
         restored[b.indices] = b.labels.numpy()
     assert restored.tolist() == split.labels.tolist()
     assert np.isnan(batches[0].oov_rate)  # no vocabulary given
-    assert not np.isnan(eval_batches(split, tokenizer, 4, 64, vocabulary={"the"})[0].oov_rate)
+    assert not np.isnan(eval_batches(EncodedSplit(split, tokenizer, 64, {"the"}), 4)[0].oov_rate)
 
 
 def test_missing_pad_token_falls_back_to_eos():
@@ -381,7 +381,7 @@ def test_missing_pad_token_falls_back_to_eos():
     pad = ensure_pad_token(bpe)
     assert pad == bpe.convert_tokens_to_ids("</s>") == bpe.pad_token_id
     pair = TextSplit(["the cat", "the dog ate the food"], np.array([0, 1]))
-    batch = TrainBatches(pair, bpe, 2, 64, set(), seed=0).batch(0)
+    batch = TrainBatches(EncodedSplit(pair, bpe, 64, set()), 2, seed=0).batch(0)
     assert (batch.inputs["input_ids"] == pad).sum() > 0 and "token_type_ids" not in batch.inputs
     with pytest.raises(AirloraError, match="neither a pad token nor an eos token"):
         ensure_pad_token(byte_level_bpe(eos=False))

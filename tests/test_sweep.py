@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from airlora.errors import AirloraError
-from airlora.sweep.execute import plan_threads
+from airlora.sweep.execute import execute, plan_threads
 from airlora.sweep.grid import load_sweep
 from airlora.sweep.stats import mean_ci, paired, verdict
 
@@ -77,6 +77,9 @@ def test_threads_never_oversubscribe_the_cores():
     for workers in range(1, 9):
         w, t = plan_threads(workers, None, cores=8)
         assert w * t <= 8
+    assert plan_threads(None, None, cores=2, runs=1) == (1, 2)  # the last run of a resumed sweep gets both cores
+    assert plan_threads(None, None, cores=8, runs=3) == (3, 2)
+    assert plan_threads(2, None, cores=2, runs=1) == (2, 1)  # asked for: kept
 
 
 def test_intervals_and_verdicts():
@@ -251,18 +254,40 @@ def test_smoke_sweep_and_report_on_the_real_model(tmp_path):
     check_smoke_report(out, smoke_sweep(out))
 
 
-def test_ray_backend_runs_the_same_grid(tmp_path, tiny_files):
-    pytest.importorskip("ray")
+TIMING_KEYS = {"wall_s", "mean_step_s", "mean_decision_s", "decision_overhead_ratio", "mean_apply_s"}
+
+
+def comparable_rows(rows):
+    return {r["run_id"]: {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows}
+
+
+def test_a_worker_loads_once_and_its_rows_equal_fresh_runs(tmp_path, tiny_files):
+    path = tiny_sweep(tmp_path, tiny_files, {"a": {"allocator": ["uniform", "random", "heuristic"]}})
+    outcomes = []
+    warm = execute(load_sweep(path), tmp_path / "warm", workers=1, progress=False,
+                   on_result=lambda rid, outcome: outcomes.append(outcome))
+    cold = execute(load_sweep(path), tmp_path / "cold", workers=1, progress=False, share=False)
+    assert comparable_rows(warm) == comparable_rows(cold) and len(warm) == 6
+    workers = [o["worker"] for o in outcomes]
+    assert len({w["pid"] for w in workers}) == 1 and all(w["cache"] for w in workers)
+    last = workers[-1]  # one load, then a copy for each later run; each source read once; a seed's splits shared
+    assert last["model_loads"] == 1 and last["model_copies"] == 5 and last["source_reads"] == 1
+    assert last["encodes"] == 6 and last["encode_hits"] == 12
+
+
+def test_ray_backend_runs_the_same_grid_on_warm_actors(tmp_path, tiny_files):
+    ray = pytest.importorskip("ray")
     path = tiny_sweep(tmp_path, tiny_files, {"a": {"allocator": ["uniform", "random"]}}, seeds=(0,))
-    local, remote = tmp_path / "local", tmp_path / "ray"
-    airlora("sweep", path, "--out", local, "--quiet")
-    airlora("sweep", path, "--out", remote, "--backend", "ray", "--quiet", timeout=300)
-    rows = {o: {json.loads(line)["run_id"]: json.loads(line)
-                for line in (o / "results.jsonl").read_text().splitlines()} for o in (local, remote)}
-    assert rows[local].keys() == rows[remote].keys() and len(rows[local]) == 2
-    for run_id, row in rows[local].items():  # same seeds, same CPU: the same numbers either way
-        assert row["test_accuracy"] == rows[remote][run_id]["test_accuracy"]
-        assert row["ranks"] == rows[remote][run_id]["ranks"]
+    local = execute(load_sweep(path), tmp_path / "local", progress=False)
+    outcomes = []
+    try:
+        remote = execute(load_sweep(path), tmp_path / "ray", backend="ray", workers=1, progress=False,
+                         on_result=lambda rid, outcome: outcomes.append(outcome))
+    finally:
+        ray.shutdown()
+    assert comparable_rows(local) == comparable_rows(remote) and len(local) == 2  # same seeds, same numbers
+    assert len({o["worker"]["pid"] for o in outcomes}) == 1  # one actor took both runs, the model loaded once
+    assert outcomes[-1]["worker"]["model_loads"] == 1 and outcomes[-1]["worker"]["model_copies"] == 1
 
 
 @pytest.mark.parametrize("preset", ["smoke", "paper-cpu", "paper-gpu", "paper-cpu-v2"])

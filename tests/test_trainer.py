@@ -71,6 +71,35 @@ def test_summary_reports_the_delivered_best_checkpoint(tiny_config, tmp_path):
     assert config["train"]["steps"] == 9
 
 
+def validated_steps(folder):
+    return [int(r["step"]) for r in csv.DictReader((folder / "metrics.csv").open()) if r["val_accuracy"]]
+
+
+def test_eval_on_change_validates_only_a_new_delivery_decision(tiny_config, tmp_path):
+    base = merge(tiny_config, {"train.steps": 9, "train.eval_every": 3})
+    every = run(base, tmp_path / "every")
+    static = run(merge(base, {"train.eval_on_change": True}), tmp_path / "static")
+    # uniform decides the same at every validation: the first and the last are validated, the middle one skipped
+    assert validated_steps(tmp_path / "every") == [2, 5, 8] and every["validations_skipped"] == 0
+    assert validated_steps(tmp_path / "static") == [2, 8] and static["validations_skipped"] == 1
+    assert static["best_step"] in (2, 8)
+    # random draws a new decision each time (on a link wide enough that a draw is not cut to nothing)
+    changing = run(merge(base, {"train.eval_on_change": True, "allocator": "random", "channel.bandwidth_hz": 1e6}),
+                   tmp_path / "random")
+    assert validated_steps(tmp_path / "random") == [2, 5, 8] and changing["validations_skipped"] == 0
+
+
+def test_val_subset_validates_on_a_fixed_seeded_draw(tiny_config):
+    full = build_session(tiny_config)
+    subset = build_session(merge(tiny_config, {"data.val_subset": 8}))
+    again = build_session(merge(tiny_config, {"data.val_subset": 8}))
+    assert sum(len(b.labels) for b in subset.val_batches) == 8
+    chosen = [s for b in subset.val_batches for s in b.inputs["input_ids"].tolist()]
+    assert chosen == [s for b in again.val_batches for s in b.inputs["input_ids"].tolist()]
+    assert subset.splits.train.sentences == full.splits.train.sentences  # the splits themselves are unchanged
+    assert sum(len(b.labels) for b in subset.test_batches) == sum(len(b.labels) for b in full.test_batches)
+
+
 def test_early_stop_once_reward_converged_and_no_gain(tiny_config, tmp_path):
     # a wide link keeps η small, so R = −U − 2η converges (≥ −λ = −2) while the tiny model's loss is ~0.7
     config = merge(tiny_config, {"train.steps": 40, "train.eval_every": 1, "train.patience": 1,

@@ -6,6 +6,11 @@ themselves are removed once measured) and ``results.jsonl`` (one row per finishe
 atomically after each run ends).
 A run is finished when its ``summary.json`` exists (written last, atomically), so a restarted sweep skips
 it; a run cut off half-way has no summary and is run again from scratch; a failed run is retried.
+
+Workers are long-lived: a local worker process (or a Ray actor) takes run after run, and, unless ``share`` is off,
+keeps a ``WarmCache`` (``airlora.loader``): the libraries are imported, each model loaded, each data source read and
+each split tokenised once per worker, not once per run. A run's numbers do not depend on which worker ran it or
+after what: it seeds itself, and a cached input is the input it would have read.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.auto import tqdm
 from airlora.config import RunConfig, from_dict, merge
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic, write_text_atomic
+from airlora.loader import Loader, WarmCache
 from airlora.sweep.grid import PlannedRun, Sweep
 from airlora.sweep.rows import failed_row, finished_row
 
@@ -78,10 +84,13 @@ def posthoc_export(run_dir: Path, export: int | str, folder: Path) -> dict[str, 
 
 
 def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] | None = None,
-            posthoc_dir: str | None = None, plugins: dict[str, str] | None = None) -> Outcome:
+            posthoc_dir: str | None = None, plugins: dict[str, str] | None = None,
+            loader: Loader | None = None) -> Outcome:
     """Worker body: one `airlora run` (unless it already finished), then its post-hoc exports; any error is written to
     ``failed.json`` (the run's) or the export's record and returned, never raised. ``plugins``: allocators the
-    parent registered in process, registered here again (a worker is a fresh process; entry points it finds itself)."""
+    parent registered in process, registered here again (a worker is a fresh process; entry points it finds itself).
+    ``loader``: the worker's ``WarmCache``, or None to read every input afresh. The outcome's ``worker`` says which
+    process ran it and what its cache has reused so far."""
     from airlora import registry
     from airlora.runner import run
 
@@ -92,41 +101,82 @@ def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] 
     if not (out / "summary.json").is_file():
         (out / "failed.json").unlink(missing_ok=True)
         try:
-            run(config, out, overwrite=True)
+            run(config, out, overwrite=True, loader=loader)
         except Exception as err:  # a crashed run is recorded; the sweep goes on
             failure = {"status": "failed", "error": f"{type(err).__name__}: {err}",
                        "traceback": traceback.format_exc()}
             write_json_atomic(out / "failed.json", failure)
-            return failure
+            return failure | {"worker": worker_record(loader)}
     if exports:
         import torch
 
         torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
         for export in exports:
             posthoc_export(out, export, Path(posthoc_dir))
-    return {"status": "ok"}
+    return {"status": "ok", "worker": worker_record(loader)}
 
 
-def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | None = None) -> tuple[int, int]:
-    """Workers and torch threads per run so that workers × threads does not exceed the cores."""
+def worker_record(loader: Loader | None) -> dict[str, Any]:
+    """The worker process and what its cache has loaded and reused so far (``WarmCache.counts``)."""
+    counts = dict(loader.counts) if isinstance(loader, WarmCache) else {}
+    return {"pid": os.getpid(), "cache": isinstance(loader, WarmCache), **counts}
+
+
+_WORKER_CACHE: WarmCache | None = None
+"""The cache of this worker process of the local pool (set by ``_start_worker``)."""
+
+
+def _start_worker(share: bool) -> None:
+    global _WORKER_CACHE
+    _WORKER_CACHE = WarmCache() if share else None
+
+
+def _run_in_worker(*job: Any) -> Outcome:
+    return run_one(*job, loader=_WORKER_CACHE)
+
+
+class RunWorker:
+    """A Ray actor that runs run after run with one ``WarmCache`` (or none, with ``share`` off)."""
+
+    def __init__(self, share: bool) -> None:
+        self.cache = WarmCache() if share else None
+
+    def run(self, *job: Any) -> Outcome:
+        return run_one(*job, loader=self.cache)
+
+
+def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | None = None,
+                 runs: int | None = None) -> tuple[int, int]:
+    """Workers and torch threads per run so that workers × threads does not exceed the cores.
+
+    Unless the sweep file or ``--workers`` says otherwise: one run per core, on one thread each (two runs at one
+    thread beat one run at two on the reference machine: docs/results/runs-per-hour), but never more workers than
+    ``runs`` still to do, so the last run of a resumed sweep gets every core (a run's numbers do not depend on its
+    thread count; the same benchmark checks it)."""
     cores = cores or os.cpu_count() or 1
     if workers is None:
         workers = max(1, cores // threads_per_run) if threads_per_run else cores
+        if runs:
+            workers = min(workers, runs)
     threads = threads_per_run or max(1, cores // workers)
     return workers, threads
 
 
-def _local(todo: list[Job], workers: int) -> Iterator[tuple[str, Outcome]]:
-    """Process pool with at most ``workers`` runs in flight; a dead worker fails only the runs it held."""
+def _local(todo: list[Job], workers: int, share: bool) -> Iterator[tuple[str, Outcome]]:
+    """Process pool with at most ``workers`` runs in flight; a dead worker fails only the runs it held.
+
+    Spawned, not forked: a process forked after torch has started its thread pools can hang in them, so each worker
+    imports and loads for itself, once (``_start_worker``), and then takes runs until the sweep ends."""
     pending = list(reversed(todo))
     while pending:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                                 initargs=(share,)) as pool:
             in_flight: dict[Any, str] = {}
             broken = False
             while (pending or in_flight) and not broken:
                 while pending and len(in_flight) < workers:
                     rid, *job = pending.pop()
-                    in_flight[pool.submit(run_one, *job)] = rid
+                    in_flight[pool.submit(_run_in_worker, *job)] = rid
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     rid = in_flight.pop(future)
@@ -139,33 +189,54 @@ def _local(todo: list[Job], workers: int) -> Iterator[tuple[str, Outcome]]:
                 yield rid, {"status": "failed", "error": "the worker process died (killed, or out of memory)"}
 
 
-def _ray(todo: list[Job], threads: int, address: str | None) -> Iterator[tuple[str, Outcome]]:
-    """The same runs as Ray tasks, each reserving ``threads`` CPUs, on a local instance or a cluster."""
+def _ray(todo: list[Job], workers: int | None, threads: int, address: str | None,
+         share: bool) -> Iterator[tuple[str, Outcome]]:
+    """The same runs on Ray actors (``RunWorker``), each reserving ``threads`` CPUs, on a local instance or a cluster:
+    ``workers`` actors (default: as many as the cluster's CPUs hold), each taking the next run when it is free. An
+    actor that dies fails the run it held and is replaced by a new one."""
     try:
         import ray
     except ImportError:
         raise AirloraError("--backend ray needs Ray: pip install 'airlora[ray]'") from None
+    if not todo:
+        return
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    task = ray.remote(num_cpus=threads, max_retries=0)(run_one)
-    refs = {task.remote(*job): rid for rid, *job in todo}
-    while refs:
-        done, _ = ray.wait(list(refs), num_returns=1)
-        rid = refs.pop(done[0])
-        try:
-            yield rid, ray.get(done[0])
-        except Exception as err:  # a worker crash surfaces as a Ray error
-            yield rid, {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+    actor = ray.remote(num_cpus=threads, max_restarts=0, max_task_retries=0)(RunWorker)
+    if workers is None:
+        workers = max(1, int(ray.cluster_resources().get("CPU", threads)) // threads)
+    idle = [actor.remote(share) for _ in range(min(workers, len(todo)))]
+    pending, in_flight = list(reversed(todo)), {}
+    try:
+        while pending or in_flight:
+            while pending and idle:
+                worker = idle.pop()
+                rid, *job = pending.pop()
+                in_flight[worker.run.remote(*job)] = (rid, worker)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            rid, worker = in_flight.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except Exception as err:  # the actor died under the run (killed, out of memory): a new one takes its place
+                ray.kill(worker)
+                worker, outcome = actor.remote(share), {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+            idle.append(worker)
+            yield rid, outcome
+    finally:
+        for worker in idle + [w for _, w in in_flight.values()]:
+            ray.kill(worker)
 
 
 def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None = None,
             address: str | None = None, progress: bool = True,
-            on_result: Callable[[str, Outcome], None] | None = None) -> list[dict[str, Any]]:
-    """Run every planned run not yet finished under ``out``; return all result rows."""
+            on_result: Callable[[str, Outcome], None] | None = None, share: bool = True) -> list[dict[str, Any]]:
+    """Run every planned run not yet finished under ``out``; return all result rows.
+
+    ``share``: each worker keeps a ``WarmCache`` across its runs (the same rows, sooner); False builds every run from
+    scratch in its worker."""
     if backend not in ("local", "ray"):
         raise AirloraError(f"--backend {backend!r} is not allowed; expected 'local' or 'ray'")
     out = Path(out)
     plugins = worker_plugins(sweep)
-    workers, threads = plan_threads(workers or sweep.workers, sweep.threads_per_run)
     planned = {run.run_id: run for run in sweep.runs}
     write_json_atomic(out / "plan.json", {
         "name": sweep.name,
@@ -173,16 +244,21 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
     })
     rows = {rid: row for rid, run in planned.items()
             if (row := finished_row(run, out / "runs" / rid, out / "posthoc" / rid))}
-    todo = []  # seed by seed, so a sweep stopped early has whole seeds rather than whole settings
+    left = []  # seed by seed, so a sweep stopped early has whole seeds rather than whole settings
     for rid, run in sorted(planned.items(), key=lambda item: item[1].config.train.seed):
         exports = [e for e in run.exports if not posthoc_done(out / "posthoc" / rid, e)]
-        if rid in rows and not exports:
-            continue
-        config = merge(run.config, {"train.threads": threads, "train.progress": False})
-        todo.append((rid, config.to_dict(), str(out / "runs" / rid), exports, str(out / "posthoc" / rid), plugins))
+        if rid not in rows or exports:
+            left.append((rid, run, exports))
     _write_rows(out, rows, planned)
+    requested = workers or sweep.workers
+    workers, threads = plan_threads(requested, sweep.threads_per_run, runs=len(left))
+    todo = [(rid, merge(run.config, {"train.threads": threads, "train.progress": False}).to_dict(),
+             str(out / "runs" / rid), exports, str(out / "posthoc" / rid), plugins) for rid, run, exports in left]
 
-    jobs = _local(todo, workers) if backend == "local" else _ray(todo, threads, address)
+    if backend == "local":
+        jobs = _local(todo, workers, share)
+    else:
+        jobs = _ray(todo, workers if requested else None, threads, address, share)
     bar = tqdm(total=len(planned), initial=len(rows), desc=f"sweep {sweep.name}", disable=not progress,
                dynamic_ncols=True, unit="run")
     failures = 0
