@@ -1,10 +1,14 @@
 """Wall time and peak memory of the README's default run, as a user runs it (a child process).
 
-    python bench/default_run.py [--allocator uniform] [--steps 300]
+    python bench/default_run.py [--allocator uniform] [--steps 300] [--baseline CHECKOUT]
 
-Prints wall seconds, seconds per step all-in (model load, data, evaluation included), the child's peak RSS, and
-the mean RSS of the first, second and last hundred steps (from metrics.csv) to show memory does not grow once
-the first validation pass (after step 99) has allocated its buffers.
+Prints wall seconds, seconds per step all-in (model load, data, evaluation included), where they went (imports,
+start-up: model load, data and tokenising, the training loop, the rest: the test pass and files), the child's peak
+RSS, and the mean RSS of the first, second and last hundred steps (from metrics.csv) to show memory does not grow
+once the first validation pass (after step 99) has allocated its buffers.
+
+--baseline CHECKOUT: also run the same command from another checkout of airlora (e.g. a `git worktree` of an older
+commit) in the same environment, in the order baseline, this, this, baseline, and print this / baseline wall time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,13 +27,15 @@ from pathlib import Path
 import common  # noqa: F401  (puts the checkout on sys.path)
 
 
-def measure(allocator: str = "uniform", steps: int = 300) -> dict[str, float]:
+def measure(allocator: str = "uniform", steps: int = 300, checkout: Path | None = None) -> dict[str, float]:
+    """The default run in a child process, with this checkout's code or ``checkout``'s."""
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "airlora.cli", "run", "--allocator", allocator, "--steps", str(steps),
                "--out", str(out), "--quiet"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
         wall = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
         summary = json.loads((out / "summary.json").read_text())
@@ -42,12 +49,35 @@ def measure(allocator: str = "uniform", steps: int = 300) -> dict[str, float]:
         "rss_mb_second_100_steps": sum(rss[window:2 * window]) / window,
         "rss_mb_last_100_steps": sum(rss[-window:]) / window, "test_accuracy": summary["test_accuracy"],
         "mean_step_s": summary["mean_step_s"], "decision_overhead_ratio": summary["decision_overhead_ratio"],
+        "import_s": import_seconds(env), "setup_s": summary.get("setup_s"), "train_loop_s": summary["train_s"],
+        "run_s": summary["wall_s"],
     }
+
+
+def import_seconds(env: dict[str, str] | None = None) -> float:
+    """Seconds a fresh interpreter takes to import what `airlora run` imports before it builds the run."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import airlora.cli, airlora.runner, transformers.models.bert"], check=True,
+                   env=env)
+    return time.perf_counter() - t0
+
+
+def against(baseline: Path, allocator: str, steps: int) -> dict:
+    """Baseline, this, this, baseline: a steady drift of the machine's speed cancels in the ratio of the sums."""
+    runs = [("baseline", measure(allocator, steps, baseline)), ("this", measure(allocator, steps)),
+            ("this", measure(allocator, steps)), ("baseline", measure(allocator, steps, baseline))]
+    wall = {name: sum(r["wall_s"] for n, r in runs if n == name) for name in ("baseline", "this")}
+    return {"baseline": str(baseline), "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
+            "runs": [{"code": name, **r} for name, r in runs]}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--allocator", default="uniform")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--baseline", type=Path, help="another checkout of airlora to compare with")
     args = parser.parse_args()
-    print(json.dumps(measure(args.allocator, args.steps), indent=2))
+    if args.baseline:
+        print(json.dumps(against(args.baseline.resolve(), args.allocator, args.steps), indent=2))
+    else:
+        print(json.dumps(measure(args.allocator, args.steps), indent=2))

@@ -179,8 +179,8 @@ def test_a_nan_loss_stops_at_the_last_checkpoint_and_resumes_with_a_lower_lr(tin
 
     build = session_module.build_session
 
-    def build_poisoned(cfg):
-        s = build(cfg)
+    def build_poisoned(cfg, loader=None):
+        s = build(cfg, loader)
         s.model.forward = poisoned(s.model)
         return s
 

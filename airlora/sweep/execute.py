@@ -23,16 +23,18 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from airlora.config import RunConfig, from_dict, merge
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic, write_text_atomic
-from airlora.loader import Loader, WarmCache
 from airlora.sweep.grid import PlannedRun, Sweep
 from airlora.sweep.rows import failed_row, finished_row
+
+if TYPE_CHECKING:  # imported in the workers only: the sweep's own process needs no torch
+    from airlora.loader import Loader, WarmCache
 
 Outcome = dict[str, Any]
 Job = tuple[str, dict[str, Any], str, list[int | str], str, dict[str, str]]
@@ -118,8 +120,14 @@ def run_one(config_data: dict[str, Any], run_dir: str, exports: list[int | str] 
 
 def worker_record(loader: Loader | None) -> dict[str, Any]:
     """The worker process and what its cache has loaded and reused so far (``WarmCache.counts``)."""
-    counts = dict(loader.counts) if isinstance(loader, WarmCache) else {}
-    return {"pid": os.getpid(), "cache": isinstance(loader, WarmCache), **counts}
+    counts = getattr(loader, "counts", None)
+    return {"pid": os.getpid(), "cache": counts is not None, **(counts or {})}
+
+
+def _warm_cache(share: bool) -> WarmCache | None:
+    from airlora.loader import WarmCache
+
+    return WarmCache() if share else None
 
 
 _WORKER_CACHE: WarmCache | None = None
@@ -128,7 +136,7 @@ _WORKER_CACHE: WarmCache | None = None
 
 def _start_worker(share: bool) -> None:
     global _WORKER_CACHE
-    _WORKER_CACHE = WarmCache() if share else None
+    _WORKER_CACHE = _warm_cache(share)
 
 
 def _run_in_worker(*job: Any) -> Outcome:
@@ -139,25 +147,22 @@ class RunWorker:
     """A Ray actor that runs run after run with one ``WarmCache`` (or none, with ``share`` off)."""
 
     def __init__(self, share: bool) -> None:
-        self.cache = WarmCache() if share else None
+        self.cache = _warm_cache(share)
 
     def run(self, *job: Any) -> Outcome:
         return run_one(*job, loader=self.cache)
 
 
-def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | None = None,
-                 runs: int | None = None) -> tuple[int, int]:
+def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | None = None) -> tuple[int, int]:
     """Workers and torch threads per run so that workers × threads does not exceed the cores.
 
-    Unless the sweep file or ``--workers`` says otherwise: one run per core, on one thread each (two runs at one
-    thread beat one run at two on the reference machine: docs/results/runs-per-hour), but never more workers than
-    ``runs`` still to do, so the last run of a resumed sweep gets every core (a run's numbers do not depend on its
-    thread count; the same benchmark checks it)."""
+    Unless the sweep file or ``--workers`` says otherwise: one run per core, on one thread each. On the 2-core
+    reference machine two runs at one thread did 1.17× the runs per hour of one run at two (docs/results/runs-per-hour).
+    The split never depends on how many runs are left: a run's last float bits depend on its thread count (losses
+    differed by 6e-8 at two threads), and a resumed sweep must give the numbers an uninterrupted one gives."""
     cores = cores or os.cpu_count() or 1
     if workers is None:
         workers = max(1, cores // threads_per_run) if threads_per_run else cores
-        if runs:
-            workers = min(workers, runs)
     threads = threads_per_run or max(1, cores // workers)
     return workers, threads
 
@@ -251,7 +256,7 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
             left.append((rid, run, exports))
     _write_rows(out, rows, planned)
     requested = workers or sweep.workers
-    workers, threads = plan_threads(requested, sweep.threads_per_run, runs=len(left))
+    workers, threads = plan_threads(requested, sweep.threads_per_run)
     todo = [(rid, merge(run.config, {"train.threads": threads, "train.progress": False}).to_dict(),
              str(out / "runs" / rid), exports, str(out / "posthoc" / rid), plugins) for rid, run, exports in left]
 
