@@ -74,7 +74,7 @@ class EncodedSplit:
         self.word_offsets = np.concatenate([[0], np.cumsum([len(ws) for ws in per_sentence])])
         self.word_ids = np.fromiter(itertools.chain.from_iterable(per_sentence), np.int64, int(self.word_offsets[-1]))
         self.word_is_oov = None if vocabulary is None else np.array([w not in vocabulary for w in word_index], bool)
-        self.labels = torch.as_tensor(split.labels, dtype=torch.int64).clone()
+        self.labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))  # a copy: the split's may be read-only
         for array in (self.lengths, self.offsets, self.ids, self.type_ids, self.word_offsets, self.word_ids,
                       self.word_is_oov):
             if array is not None:

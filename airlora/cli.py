@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="ray: address of an existing cluster (default: start a local one)")
     sweep.add_argument("--set", dest="sets", action="append", default=[], metavar="PATH=VALUE",
                        help="override a base config value for every run, e.g. --set train.steps=50 (repeatable)")
-    sweep.add_argument("--no-worker-cache", dest="share", action="store_false",
-                       help="build every run from scratch in its worker instead of reusing the worker's loaded model, "
-                       "data and tokenised splits (same results, slower)")
+    sweep.add_argument("--no-worker-cache", dest="worker_cache", action="store_false",
+                       help="build every run from scratch in its worker instead of reusing the worker's read data, "
+                       "tokenizer and tokenised splits (the same results)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", help="a sweep's tables, figures and claims table, or one run's figures, as "
@@ -273,7 +273,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise AirloraError(f"--workers {args.workers}: expected an integer >= 1")
     sweep = load_sweep(args.sweep_file, _parse_sets(args.sets))
     rows = execute(sweep, Path(args.out), backend=args.backend, workers=args.workers, address=args.address,
-                   progress=not args.quiet, share=args.share)
+                   progress=not args.quiet, worker_cache=args.worker_cache)
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"sweep {sweep.name}: {len(rows) - len(failed)} of {len(sweep.runs)} runs finished, {len(failed)} failed; "
           f"rows in {Path(args.out) / 'results.jsonl'}")

@@ -188,9 +188,11 @@ class TrainConfig:
     eval_every: int = 100
     """Steps between validation passes (paper: 100)."""
     eval_on_change: bool = False
-    """Validate at an ``eval_every`` step only when the delivery decision (ranks and precisions at the delivery SNR)
-    differs from the last one validated; the last step is always validated. A skipped step is no checkpoint candidate
-    and does not count towards ``patience``. False: validate at every ``eval_every`` step (the paper's rule)."""
+    """Validate a checkpoint candidate only when its delivery decision (ranks and precisions at the delivery SNR)
+    differs from that of the last candidate validated; the last step is always validated. A skipped step is no
+    candidate, does not count towards ``patience``, and the early stop's mean reward then spans the steps since the
+    last validation. With a decision that never changes, only the first candidate and the last step are compared,
+    however the weights moved in between. False: validate at every ``eval_every`` step (the paper's rule)."""
     patience: int = 5
     """Early stop after this many evaluations without a validation gain, once the reward has converged."""
     checkpoint_every: int = 50

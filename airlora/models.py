@@ -7,8 +7,10 @@ the module name after the layer index, so ``bert.encoder.layer.3.attention.self.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,49 +87,52 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
-@dataclass
-class Pretrained:
-    """A checkpoint loaded as a sequence classifier, and which of its parameters the checkpoint did not hold."""
-
-    model: nn.Module
-    tokenizer: object
-    path: Path
-    """The checkpoint folder."""
-    new_keys: frozenset[str]
-    """Parameters ``from_pretrained`` initialised from the global RNG because the checkpoint lacks them (the task
-    head: ``classifier.weight``, ``classifier.bias`` for a sentence encoder; ``score.weight`` for OPT)."""
-
-
 def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path]:
     """Load (model, tokenizer, folder) for sequence classification from a local checkpoint."""
-    loaded = load_pretrained(model, num_labels)
-    return loaded.model, loaded.tokenizer, loaded.path
+    path = resolve_model_dir(model)
+    tokenizer = load_tokenizer(path)
+    return load_classifier(path, tokenizer, num_labels), tokenizer, path
 
 
-def load_pretrained(model: str, num_labels: int = 2) -> Pretrained:
-    """``load_model``, also telling which parameters were newly initialised (``Pretrained.new_keys``)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(path: Path) -> object:
+    """The checkpoint's tokenizer, with a pad token (``ensure_pad_token``)."""
+    from transformers import AutoTokenizer
+
+    with _quiet_loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_classifier(path: Path, tokenizer: object, num_labels: int = 2) -> nn.Module:
+    """The checkpoint as a sequence classifier; a task head it lacks is drawn from the global RNG (seed first)."""
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_loading(path):
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
+        net.config.pad_token_id = tokenizer.pad_token_id
+    return net
+
+
+@contextlib.contextmanager
+def _quiet_loading(path: Path) -> Iterator[None]:
+    """transformers' loading notices and bars off (the "classifier newly initialised" notice is expected: we train
+    the head; a "Loading weights" bar on stderr would stand before any error message); a failure is one clear
+    error."""
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_dir(model)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the "classifier newly initialised" notice is expected: we train the head
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would stand before any error message
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        net, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                       output_loading_info=True)
+        yield
     except (OSError, ValueError) as err:
         raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    pad_id = ensure_pad_token(tokenizer)
-    if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
-        net.config.pad_token_id = pad_id
-    mismatched = {key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())}
-    return Pretrained(net, tokenizer, path, frozenset(info["missing_keys"]) | frozenset(mismatched))
 
 
 def _layer_linears(model: nn.Module) -> dict[int, dict[str, nn.Linear]]:

@@ -168,12 +168,16 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     )
 
 
+VALIDATION_SUBSET_STREAM = 0x76616C  # "val"
+
+
 def validation_subset(split: TextSplit, size: int | None, seed: int) -> TextSplit:
     """The examples every validation pass uses: ``data.val_subset`` of the validation split, a seeded draw (the same
     at every pass, so checkpoints are compared on the same examples), or all of it."""
     if size is None or size >= len(split):
         return split
-    rows = np.random.default_rng([seed, 2]).permutation(len(split))[:size]  # its own stream: no global draw
+    # a stream of its own: not the global RNG, and not [seed, k], which the training batches' epoch k draws from
+    rows = np.random.default_rng([seed, VALIDATION_SUBSET_STREAM]).permutation(len(split))[:size]
     return split.take(np.sort(rows))
 
 

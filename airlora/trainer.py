@@ -199,7 +199,8 @@ class LoopState:
     rank_rows: list[dict[str, Any]] = field(default_factory=list)
     precision_rows: list[dict[str, Any]] = field(default_factory=list)
     validated: tuple[dict[str, int], dict[str, int]] | None = None
-    """The delivery decision (ranks, precisions) of the last validation pass (``train.eval_on_change``)."""
+    """The delivery decision (ranks, precisions) of the last validated checkpoint candidate
+    (``train.eval_on_change``)."""
     validations_skipped: int = 0
     """Validation passes ``train.eval_on_change`` skipped."""
 
@@ -291,33 +292,33 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
 
         # 4. evaluation as it would be delivered (ranks, codecs), best checkpoint, the paper's early-stop rule
         last = step == cfg.train.steps - 1
-        validate = (step + 1) % cfg.train.eval_every == 0 or last
-        if validate:
+        if (step + 1) % cfg.train.eval_every == 0 or last:
             t2 = time.perf_counter()
             delivery_snr = delivery_snr_db(session)
             delivered = delivery_decision(session, delivery_snr, step + 1, ranks, loop.rows + [row], precisions)
-            if cfg.train.eval_on_change and not last and delivered == loop.validated:
-                validate = False  # the decision last validated: no candidate, and patience does not count it
-                loop.validations_skipped += 1
-                loop.eval_s += time.perf_counter() - t2
-        if validate:
-            with session.as_delivered(*delivered):
-                val_acc = evaluate(session, session.val_batches)
-            loop.validated = delivered
-            loop.eval_s += time.perf_counter() - t2
-            row["val_accuracy"] = val_acc
             # checkpoints before the allocator's first deliverable step are neither delivered nor counted
             candidate = step >= allocator.first_deliverable_step or last
-            if candidate and (loop.best is None or val_acc > loop.best.val_accuracy):
-                loop.best = Checkpoint(step, val_acc, delivery_snr, adapters.state(),
-                                       {k: p.detach().clone() for k, p in session.head.items()}, *delivered)
-                loop.evals_without_gain = 0
-            elif candidate:
-                loop.evals_without_gain += 1
-            converged = reward_converged(float(np.mean(loop.rewards_since_eval)), cfg.train.reward_lambda)
-            loop.rewards_since_eval = []
-            if converged and loop.evals_without_gain >= cfg.train.patience and not last:
-                stopped_early = True
+            # train.eval_on_change: a candidate with the decision of the last validated candidate is skipped
+            if cfg.train.eval_on_change and candidate and not last and delivered == loop.validated:
+                loop.validations_skipped += 1
+                loop.eval_s += time.perf_counter() - t2
+            else:
+                with session.as_delivered(*delivered):
+                    val_acc = evaluate(session, session.val_batches)
+                loop.eval_s += time.perf_counter() - t2
+                row["val_accuracy"] = val_acc
+                if candidate:
+                    loop.validated = delivered
+                if candidate and (loop.best is None or val_acc > loop.best.val_accuracy):
+                    loop.best = Checkpoint(step, val_acc, delivery_snr, adapters.state(),
+                                           {k: p.detach().clone() for k, p in session.head.items()}, *delivered)
+                    loop.evals_without_gain = 0
+                elif candidate:
+                    loop.evals_without_gain += 1
+                converged = reward_converged(float(np.mean(loop.rewards_since_eval)), cfg.train.reward_lambda)
+                loop.rewards_since_eval = []
+                if converged and loop.evals_without_gain >= cfg.train.patience and not last:
+                    stopped_early = True
         loop.rows.append(row)
         loop.rank_rows.append({"step": step} | ranks)
         if several_bits:

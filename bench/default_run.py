@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,9 +34,14 @@ def measure(allocator: str = "uniform", steps: int = 300, checkout: Path | None 
         cmd = [sys.executable, "-m", "airlora.cli", "run", "--allocator", allocator, "--steps", str(steps),
                "--out", str(out), "--quiet"]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tmp)
+        child = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = child.stderr.read()
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest of every child so far
         wall = time.perf_counter() - t0
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
+        peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
         summary = json.loads((out / "summary.json").read_text())
         with (out / "metrics.csv").open(newline="") as handle:
             rss = [float(row["rss_mb"]) for row in csv.DictReader(handle)]
@@ -67,8 +71,17 @@ def against(baseline: Path, allocator: str, steps: int) -> dict:
     runs = [("baseline", measure(allocator, steps, baseline)), ("this", measure(allocator, steps)),
             ("this", measure(allocator, steps)), ("baseline", measure(allocator, steps, baseline))]
     wall = {name: sum(r["wall_s"] for n, r in runs if n == name) for name in ("baseline", "this")}
-    return {"baseline": str(baseline), "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
+    return {"commit": commit(Path(__file__).resolve().parents[1]), "baseline": str(baseline),
+            "baseline_commit": commit(baseline), "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
             "runs": [{"code": name, **r} for name, r in runs]}
+
+
+def commit(checkout: Path) -> str:
+    """The short commit of a checkout, with '+changes' when its working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=checkout).stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

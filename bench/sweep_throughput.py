@@ -42,16 +42,16 @@ def sweep_file(folder: Path, steps: int, seeds: list[int], allocators: list[str]
     return path
 
 
-def one_pass(path: Path, out: Path, share: bool, workers: int) -> dict:
+def one_pass(path: Path, out: Path, worker_cache: bool, workers: int) -> dict:
     """One executor over the whole grid: wall seconds, runs per hour, the rows, and per-run seconds from summaries."""
     t0 = time.perf_counter()
-    rows = execute(load_sweep(path), out, workers=workers, progress=False, share=share)
+    rows = execute(load_sweep(path), out, workers=workers, progress=False, worker_cache=worker_cache)
     wall = time.perf_counter() - t0
     failed = [r["run_id"] for r in rows if r["status"] != "ok"]
     if failed:
         raise SystemExit(f"runs failed in {out}: {failed}")
     summaries = [json.loads((out / "runs" / r["run_id"] / "summary.json").read_text()) for r in rows]
-    return {"share": share, "workers": workers, "wall_s": wall, "runs": len(rows),
+    return {"worker_cache": worker_cache, "workers": workers, "wall_s": wall, "runs": len(rows),
             "runs_per_hour": len(rows) / wall * 3600, "rows": rows,
             "mean_setup_s": statistics.fmean(s["setup_s"] for s in summaries),
             "mean_train_loop_s": statistics.fmean(s["train_s"] for s in summaries),
@@ -93,10 +93,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = sweep_file(Path(tmp), args.steps, args.seeds, args.allocators)
         for i, which in enumerate(args.order):
-            passes[which].append(one_pass(path, Path(tmp) / f"{i}-{which}", share=which == "B", workers=2))
+            passes[which].append(one_pass(path, Path(tmp) / f"{i}-{which}", worker_cache=which == "B", workers=2))
             print(f"pass {i + 1}/{len(args.order)} ({'warm' if which == 'B' else 'cold'}): "
                   f"{passes[which][-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-        threads = one_pass(path, Path(tmp) / "threads", share=True, workers=1) if args.threads_compare else None
+        threads = one_pass(path, Path(tmp) / "threads", worker_cache=True, workers=1) if args.threads_compare else None
     cold_wall = sum(p["wall_s"] for p in passes["A"])
     warm_wall = sum(p["wall_s"] for p in passes["B"])
     runs = passes["A"][0]["runs"]

@@ -4,12 +4,12 @@ import csv
 import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from airlora import loader as loader_module
 from airlora.config import merge
 from airlora.loader import Loader, WarmCache
 from airlora.runner import run
@@ -41,46 +41,22 @@ def headless(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["bert", "opt", "llama", "minilm"])
-def test_a_cached_model_is_the_model_from_pretrained_gives_for_the_seed(family, headless):
+def test_a_model_from_the_cache_is_the_model_a_run_loads_for_its_seed(family, headless):
     name = "minilm" if family == "minilm" else str(headless[family])
     cache = WarmCache()
     seed_everything(99)
-    cache.model(name)  # the first load, under another seed
+    first, tokenizer, _ = cache.model(name)  # the first load, under another seed
     for seed in (3, 7):
         seed_everything(seed)
         fresh = model_state(Loader().model(name)[0])
         rng_fresh = torch.get_rng_state()
         seed_everything(seed)
-        cached = model_state(cache.model(name)[0])
+        model, again, _ = cache.model(name)
         assert torch.equal(torch.get_rng_state(), rng_fresh)  # what the run draws next is the same too
-        assert fresh.keys() == cached.keys()
-        assert all(torch.equal(fresh[k], cached[k]) for k in fresh)
-    assert cache.counts["model_loads"] == 1 and cache.counts["model_copies"] == 2  # copies, not a fallback
-    seed_everything(3)
-    head_3 = model_state(cache.model(name)[0])
-    seed_everything(4)
-    head_4 = model_state(cache.model(name)[0])
-    assert any(not torch.equal(head_3[k], head_4[k]) for k in head_3)  # the head is drawn per seed
-
-
-def test_a_copy_that_would_differ_falls_back_to_loading(tiny_files, monkeypatch):
-    model, _, _ = tiny_files
-    headless_dir = save_headless("bert", tiny_files[0].parent / "headless-fallback")
-
-    def off_by_one_draw(pretrained):  # a transformers release whose init draws differently
-        torch.rand(1)
-        return with_new_head(pretrained)
-
-    with_new_head = loader_module.with_new_head
-    monkeypatch.setattr(loader_module, "with_new_head", off_by_one_draw)
-    cache = WarmCache()
-    cache.model(str(headless_dir))
-    seed_everything(5)
-    fresh = model_state(Loader().model(str(headless_dir))[0])
-    seed_everything(5)
-    again = model_state(cache.model(str(headless_dir))[0])
-    assert cache.counts["model_loads"] == 2 and cache.counts["model_copies"] == 0
-    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+        cached = model_state(model)
+        assert fresh.keys() == cached.keys() and all(torch.equal(fresh[k], cached[k]) for k in fresh)
+        assert model is not first and again is tokenizer  # a model of its own; the tokenizer kept
+    assert cache.counts["tokenizer_loads"] == 1 and cache.counts["tokenizer_hits"] == 2
 
 
 def comparable(out):
@@ -99,7 +75,7 @@ def test_a_run_from_a_warm_worker_equals_a_run_from_disk(tiny_config, tmp_path, 
         run(merge(config, {"train.seed": seed, "allocator": other}), tmp_path / f"before-{seed}", loader=cache)
     run(config, tmp_path / "warm", loader=cache)
     assert comparable(tmp_path / "warm") == comparable(tmp_path / "cold")
-    assert cache.counts["model_loads"] == 1 and cache.counts["source_reads"] == 1
+    assert cache.counts["tokenizer_loads"] == 1 and cache.counts["source_reads"] == 1
     assert cache.counts["encode_hits"] == 3  # this seed's three splits, tokenised by the run before
 
 
@@ -126,3 +102,43 @@ def test_shared_arrays_refuse_writes(tiny_config):
         session.train_batches._encoded.ids[0] = 1
     with pytest.raises(ValueError, match="read-only"):
         cache.source(tiny_config.data.source)[1]["train"].labels[0] = 1
+
+
+def test_a_source_with_its_own_splits_and_other_settings_through_the_cache(tiny_files, tiny_config, tmp_path):
+    """A GLUE folder's dev split goes to every session as the same object; max_length and the word list are keys."""
+    glue = tmp_path / "glue"
+    glue.mkdir()
+    rows = [f"the movie was {'good' if i % 2 else 'bad'}\t{i % 2}\n" for i in range(40)]
+    (glue / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
+    (glue / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows[:12]))
+    words = tmp_path / "words.txt"
+    words.write_text("the\nmovie\n")
+    config = merge(tiny_config, {"data.source": str(glue), "data.val_size": 8})
+    cache = WarmCache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a read-only label array must not reach torch.as_tensor
+        a = build_session(config, cache)
+        b = build_session(merge(config, {"data.max_length": 8}), cache)
+        c = build_session(merge(config, {"data.vocab_file": str(words)}), cache)
+    assert a.splits.test is b.splits.test  # the kept source's own split
+    # other max_length: three new encodings; another word list: a new train split only (evaluation has no OOV)
+    assert cache.counts["encodes"] == 7 and cache.counts["encode_hits"] == 2
+    assert max(len(x) for batch in b.test_batches for x in batch.inputs["input_ids"]) <= 8
+    plain = build_session(merge(config, {"data.vocab_file": str(words)}))
+    assert [c.train_batches.batch(i).oov_rate for i in range(3)] == [plain.train_batches.batch(i).oov_rate
+                                                                     for i in range(3)]
+
+
+def test_kept_values_are_dropped_least_recent_first_and_their_ids_forgotten(tiny_config):
+    cache = WarmCache(max_splits=2)
+    session = build_session(tiny_config, cache)  # train, validation, test: the train split is dropped
+    length = tiny_config.data.max_length
+    cache.encode(session.splits.test, session.tokenizer, length, None)
+    assert cache.counts["encodes"] == 3 and cache.counts["encode_hits"] == 1
+    cache.encode(session.splits.train, session.tokenizer, length, session.vocabulary)
+    assert cache.counts["encodes"] == 4
+    small = WarmCache(max_tokenizers=1)
+    first = small.model(tiny_config.model)[1]
+    other = small.model("minilm")[1]  # the tiny model's tokenizer is dropped, and with it its key
+    assert id(first) not in small._keys and id(other) in small._keys
+    del session

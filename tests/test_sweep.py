@@ -263,12 +263,12 @@ def test_a_worker_loads_once_and_its_rows_equal_fresh_runs(tmp_path, tiny_files)
     outcomes = []
     warm = execute(load_sweep(path), tmp_path / "warm", workers=1, progress=False,
                    on_result=lambda rid, outcome: outcomes.append(outcome))
-    cold = execute(load_sweep(path), tmp_path / "cold", workers=1, progress=False, share=False)
+    cold = execute(load_sweep(path), tmp_path / "cold", workers=1, progress=False, worker_cache=False)
     assert comparable_rows(warm) == comparable_rows(cold) and len(warm) == 6
     workers = [o["worker"] for o in outcomes]
     assert len({w["pid"] for w in workers}) == 1 and all(w["cache"] for w in workers)
-    last = workers[-1]  # one load, then a copy for each later run; each source read once; a seed's splits shared
-    assert last["model_loads"] == 1 and last["model_copies"] == 5 and last["source_reads"] == 1
+    last = workers[-1]  # the tokenizer loaded once, each source read once, a seed's splits shared
+    assert last["tokenizer_loads"] == 1 and last["tokenizer_hits"] == 5 and last["source_reads"] == 1
     assert last["encodes"] == 6 and last["encode_hits"] == 12
 
 
@@ -277,14 +277,23 @@ def test_ray_backend_runs_the_same_grid_on_warm_actors(tmp_path, tiny_files):
     path = tiny_sweep(tmp_path, tiny_files, {"a": {"allocator": ["uniform", "random"]}}, seeds=(0,))
     local = execute(load_sweep(path), tmp_path / "local", progress=False)
     outcomes = []
+
+    def too_long(*_):
+        raise TimeoutError("the Ray sweep hung")
+
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(240)
     try:
-        remote = execute(load_sweep(path), tmp_path / "ray", backend="ray", workers=1, progress=False,
+        # two actors asked for on a cluster that holds one: the second never starts, the runs wait for the first
+        ray.init(num_cpus=1, log_to_driver=False)
+        remote = execute(load_sweep(path), tmp_path / "ray", backend="ray", workers=2, progress=False,
                          on_result=lambda rid, outcome: outcomes.append(outcome))
     finally:
+        signal.alarm(0)
         ray.shutdown()
     assert comparable_rows(local) == comparable_rows(remote) and len(local) == 2  # same seeds, same numbers
-    assert len({o["worker"]["pid"] for o in outcomes}) == 1  # one actor took both runs, the model loaded once
-    assert outcomes[-1]["worker"]["model_loads"] == 1 and outcomes[-1]["worker"]["model_copies"] == 1
+    assert len({o["worker"]["pid"] for o in outcomes}) == 1  # one actor took both runs and kept its cache
+    assert outcomes[-1]["worker"]["tokenizer_hits"] == 1 and outcomes[-1]["worker"]["encode_hits"] == 3
 
 
 @pytest.mark.parametrize("preset", ["smoke", "paper-cpu", "paper-gpu", "paper-cpu-v2"])

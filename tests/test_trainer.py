@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from airlora.config import merge
+from airlora.data import TextSplit
 from airlora.runner import run
-from airlora.session import build_session
+from airlora.session import build_session, validation_subset
 from airlora.trainer import FineTuner, evaluate, linear_warmup_decay, reward_converged
 
 
@@ -82,22 +83,34 @@ def test_eval_on_change_validates_only_a_new_delivery_decision(tiny_config, tmp_
     # uniform decides the same at every validation: the first and the last are validated, the middle one skipped
     assert validated_steps(tmp_path / "every") == [2, 5, 8] and every["validations_skipped"] == 0
     assert validated_steps(tmp_path / "static") == [2, 8] and static["validations_skipped"] == 1
-    assert static["best_step"] in (2, 8)
     # random draws a new decision each time (on a link wide enough that a draw is not cut to nothing)
     changing = run(merge(base, {"train.eval_on_change": True, "allocator": "random", "channel.bandwidth_hz": 1e6}),
                    tmp_path / "random")
     assert validated_steps(tmp_path / "random") == [2, 5, 8] and changing["validations_skipped"] == 0
 
 
-def test_val_subset_validates_on_a_fixed_seeded_draw(tiny_config):
+def test_eval_on_change_compares_candidates_only(tiny_config, tmp_path):
+    """AdaLoRA's checkpoints before its final phase are no candidates: their decisions must not make the first
+    candidate look unchanged."""
+    base = merge(tiny_config, {"allocator": "adalora", "train.steps": 30, "train.eval_every": 3})
+    every = run(base, tmp_path / "every")
+    changed = run(merge(base, {"train.eval_on_change": True}), tmp_path / "changed")
+    assert validated_steps(tmp_path / "changed") == validated_steps(tmp_path / "every")
+    assert changed["best_step"] == every["best_step"] and changed["validations_skipped"] == 0
+
+
+def test_val_subset_validates_on_a_seeded_draw_of_the_validation_split(tiny_config):
     full = build_session(tiny_config)
     subset = build_session(merge(tiny_config, {"data.val_subset": 8}))
-    again = build_session(merge(tiny_config, {"data.val_subset": 8}))
     assert sum(len(b.labels) for b in subset.val_batches) == 8
-    chosen = [s for b in subset.val_batches for s in b.inputs["input_ids"].tolist()]
-    assert chosen == [s for b in again.val_batches for s in b.inputs["input_ids"].tolist()]
     assert subset.splits.train.sentences == full.splits.train.sentences  # the splits themselves are unchanged
     assert sum(len(b.labels) for b in subset.test_batches) == sum(len(b.labels) for b in full.test_batches)
+    split = TextSplit([f"sentence {i}" for i in range(50)], np.arange(50) % 2)
+    draws = {seed: validation_subset(split, 10, seed).sentences for seed in (0, 1)}
+    assert set(draws[0]) <= set(split.sentences) and len(set(draws[0])) == 10
+    assert draws[0] == sorted(draws[0], key=split.sentences.index)  # in the split's order
+    assert draws[0] != draws[1]  # seeded: another seed, another draw
+    assert validation_subset(split, 50, 0) is split and validation_subset(split, None, 0) is split
 
 
 def test_early_stop_once_reward_converged_and_no_gain(tiny_config, tmp_path):

@@ -1,4 +1,4 @@
-"""Run a sweep's planned runs, locally in a process pool or as Ray tasks, resumably.
+"""Run a sweep's planned runs, locally in a process pool or on Ray actors, resumably.
 
 Layout of ``--out DIR``: ``plan.json`` (every planned run), ``runs/{run_id}/`` (an `airlora run` folder each),
 ``posthoc/{run_id}/{int8|run}.json`` (the sweep file's post-hoc exports, evaluated on the edge; the export folders
@@ -7,10 +7,11 @@ atomically after each run ends).
 A run is finished when its ``summary.json`` exists (written last, atomically), so a restarted sweep skips
 it; a run cut off half-way has no summary and is run again from scratch; a failed run is retried.
 
-Workers are long-lived: a local worker process (or a Ray actor) takes run after run, and, unless ``share`` is off,
-keeps a ``WarmCache`` (``airlora.loader``): the libraries are imported, each model loaded, each data source read and
-each split tokenised once per worker, not once per run. A run's numbers do not depend on which worker ran it or
-after what: it seeds itself, and a cached input is the input it would have read.
+Workers are long-lived: a local worker process (or a Ray actor) takes run after run. It imports the libraries once
+and, unless ``worker_cache`` is off, keeps a ``WarmCache`` (``airlora.loader``): each data source read, each tokenizer
+loaded and each split tokenised once per worker, not once per run (each run's model comes from ``from_pretrained``,
+out of the page cache after the first). A run's numbers do not depend on which worker ran it or after what: it seeds
+itself, and a cached input is the input it would have read.
 """
 
 from __future__ import annotations
@@ -124,19 +125,19 @@ def worker_record(loader: Loader | None) -> dict[str, Any]:
     return {"pid": os.getpid(), "cache": counts is not None, **(counts or {})}
 
 
-def _warm_cache(share: bool) -> WarmCache | None:
+def _warm_cache(worker_cache: bool) -> WarmCache | None:
     from airlora.loader import WarmCache
 
-    return WarmCache() if share else None
+    return WarmCache() if worker_cache else None
 
 
 _WORKER_CACHE: WarmCache | None = None
 """The cache of this worker process of the local pool (set by ``_start_worker``)."""
 
 
-def _start_worker(share: bool) -> None:
+def _start_worker(worker_cache: bool) -> None:
     global _WORKER_CACHE
-    _WORKER_CACHE = _warm_cache(share)
+    _WORKER_CACHE = _warm_cache(worker_cache)
 
 
 def _run_in_worker(*job: Any) -> Outcome:
@@ -144,12 +145,13 @@ def _run_in_worker(*job: Any) -> Outcome:
 
 
 class RunWorker:
-    """A Ray actor that runs run after run with one ``WarmCache`` (or none, with ``share`` off)."""
+    """A Ray actor that runs run after run with one ``WarmCache`` (or none, with ``worker_cache`` off)."""
 
-    def __init__(self, share: bool) -> None:
-        self.cache = _warm_cache(share)
+    def __init__(self, worker_cache: bool) -> None:
+        self.cache = _warm_cache(worker_cache)
 
     def run(self, *job: Any) -> Outcome:
+        """``run_one`` of a job (``Job`` less its run id) with this actor's cache."""
         return run_one(*job, loader=self.cache)
 
 
@@ -167,7 +169,7 @@ def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | 
     return workers, threads
 
 
-def _local(todo: list[Job], workers: int, share: bool) -> Iterator[tuple[str, Outcome]]:
+def _local(todo: list[Job], workers: int, worker_cache: bool) -> Iterator[tuple[str, Outcome]]:
     """Process pool with at most ``workers`` runs in flight; a dead worker fails only the runs it held.
 
     Spawned, not forked: a process forked after torch has started its thread pools can hang in them, so each worker
@@ -175,7 +177,7 @@ def _local(todo: list[Job], workers: int, share: bool) -> Iterator[tuple[str, Ou
     pending = list(reversed(todo))
     while pending:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_start_worker,
-                                 initargs=(share,)) as pool:
+                                 initargs=(worker_cache,)) as pool:
             in_flight: dict[Any, str] = {}
             broken = False
             while (pending or in_flight) and not broken:
@@ -195,12 +197,15 @@ def _local(todo: list[Job], workers: int, share: bool) -> Iterator[tuple[str, Ou
 
 
 def _ray(todo: list[Job], workers: int | None, threads: int, address: str | None,
-         share: bool) -> Iterator[tuple[str, Outcome]]:
-    """The same runs on Ray actors (``RunWorker``), each reserving ``threads`` CPUs, on a local instance or a cluster:
-    ``workers`` actors (default: as many as the cluster's CPUs hold), each taking the next run when it is free. An
-    actor that dies fails the run it held and is replaced by a new one."""
+         worker_cache: bool) -> Iterator[tuple[str, Outcome]]:
+    """The same runs on Ray actors (``RunWorker``), each reserving ``threads`` CPUs, on a local instance or a cluster.
+
+    ``workers`` actors (default: the cluster's CPUs over ``threads``) are asked for; each takes the next run once it
+    has started, so runs wait in this queue while the cluster cannot place an actor (as Ray tasks would wait in
+    Ray's). An actor that dies fails the run it held and a new one is asked for in its place."""
     try:
         import ray
+        from ray.exceptions import RayActorError
     except ImportError:
         raise AirloraError("--backend ray needs Ray: pip install 'airlora[ray]'") from None
     if not todo:
@@ -209,35 +214,54 @@ def _ray(todo: list[Job], workers: int | None, threads: int, address: str | None
     actor = ray.remote(num_cpus=threads, max_restarts=0, max_task_retries=0)(RunWorker)
     if workers is None:
         workers = max(1, int(ray.cluster_resources().get("CPU", threads)) // threads)
-    idle = [actor.remote(share) for _ in range(min(workers, len(todo)))]
-    pending, in_flight = list(reversed(todo)), {}
+    starting: dict[Any, Any] = {}  # ready ref -> actor not yet known to be placed
+
+    def start() -> None:
+        worker = actor.remote(worker_cache)
+        starting[worker.__ray_ready__.remote()] = worker
+
+    for _ in range(min(workers, len(todo))):
+        start()
+    idle, pending, in_flight = [], list(reversed(todo)), {}
     try:
         while pending or in_flight:
             while pending and idle:
                 worker = idle.pop()
                 rid, *job = pending.pop()
                 in_flight[worker.run.remote(*job)] = (rid, worker)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait([*in_flight, *starting], num_returns=1)
+            if done[0] in starting:
+                worker = starting.pop(done[0])
+                try:
+                    ray.get(done[0])
+                    idle.append(worker)
+                except RayActorError:  # it could not start: ask for another
+                    start()
+                continue
             rid, worker = in_flight.pop(done[0])
             try:
                 outcome = ray.get(done[0])
-            except Exception as err:  # the actor died under the run (killed, out of memory): a new one takes its place
-                ray.kill(worker)
-                worker, outcome = actor.remote(share), {"status": "failed", "error": f"{type(err).__name__}: {err}"}
-            idle.append(worker)
+                idle.append(worker)
+            except RayActorError as err:  # it died under the run (killed, out of memory)
+                outcome = {"status": "failed", "error": f"the Ray actor running it died ({type(err).__name__})"}
+                start()
+            except Exception as err:  # any other Ray error: this run failed, the actor goes on
+                outcome = {"status": "failed", "error": f"{type(err).__name__}: {err}"}
+                idle.append(worker)
             yield rid, outcome
     finally:
-        for worker in idle + [w for _, w in in_flight.values()]:
+        for worker in [*idle, *starting.values(), *(w for _, w in in_flight.values())]:
             ray.kill(worker)
 
 
 def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None = None,
             address: str | None = None, progress: bool = True,
-            on_result: Callable[[str, Outcome], None] | None = None, share: bool = True) -> list[dict[str, Any]]:
+            on_result: Callable[[str, Outcome], None] | None = None,
+            worker_cache: bool = True) -> list[dict[str, Any]]:
     """Run every planned run not yet finished under ``out``; return all result rows.
 
-    ``share``: each worker keeps a ``WarmCache`` across its runs (the same rows, sooner); False builds every run from
-    scratch in its worker."""
+    ``worker_cache``: each worker keeps a ``WarmCache`` across its runs (the same rows, sooner); False builds every run
+    from scratch in its worker."""
     if backend not in ("local", "ray"):
         raise AirloraError(f"--backend {backend!r} is not allowed; expected 'local' or 'ray'")
     out = Path(out)
@@ -261,9 +285,9 @@ def execute(sweep: Sweep, out: Path, backend: str = "local", workers: int | None
              str(out / "runs" / rid), exports, str(out / "posthoc" / rid), plugins) for rid, run, exports in left]
 
     if backend == "local":
-        jobs = _local(todo, workers, share)
+        jobs = _local(todo, workers, worker_cache)
     else:
-        jobs = _ray(todo, workers if requested else None, threads, address, share)
+        jobs = _ray(todo, workers if requested else None, threads, address, worker_cache)
     bar = tqdm(total=len(planned), initial=len(rows), desc=f"sweep {sweep.name}", disable=not progress,
                dynamic_ncols=True, unit="run")
     failures = 0

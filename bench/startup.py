@@ -1,0 +1,80 @@
+"""Where a run's start-up goes, and what a warm sweep worker (``airlora.loader.WarmCache``) keeps of it.
+
+    python bench/startup.py [--out FILE]
+
+In this fresh process, on one thread, on the default model and data: the imports a run needs, then each part of
+building a session (model load, reading the tweets, the reference vocabulary, tokenising and word-splitting the
+three splits) the first time and again, then a whole session build from disk against one from a warm cache that
+has built a session of the same seed before. Prints one JSON object of seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as `python bench/x.py` from a checkout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also write the JSON here (atomically)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    import torch
+    import transformers.models.bert  # noqa: F401
+
+    import airlora.runner  # noqa: F401
+    imports = time.perf_counter() - t0
+    torch.set_num_threads(1)
+    from airlora.batching import EncodedSplit
+    from airlora.config import RunConfig, merge
+    from airlora.data import make_splits, read_source
+    from airlora.loader import Loader, WarmCache
+    from airlora.models import load_model
+    from airlora.session import build_session
+    from airlora.textstats import reference_vocabulary
+
+    config = merge(RunConfig(), {"train.threads": 1, "train.progress": False})
+    parts: dict[str, list[float]] = {}
+    for _ in range(2):
+        marks = [time.perf_counter()]
+        _, tokenizer, _ = load_model("minilm")
+        marks.append(time.perf_counter())
+        read = read_source("tweets")
+        marks.append(time.perf_counter())
+        vocabulary = reference_vocabulary(tokenizer)
+        marks.append(time.perf_counter())
+        splits = make_splits(read, config.data, config.train.seed)
+        for split, words in ((splits.train, vocabulary), (splits.validation, None), (splits.test, None)):
+            EncodedSplit(split, tokenizer, config.data.max_length, words)
+        marks.append(time.perf_counter())
+        for name, start, end in zip(("model_load_s", "source_read_s", "vocabulary_s", "splits_and_tokenising_s"),
+                                    marks[:-1], marks[1:], strict=True):
+            parts.setdefault(name, []).append(end - start)
+    cache = WarmCache()
+    build_session(config, cache)
+    t0 = time.perf_counter()
+    build_session(config, Loader())
+    t1 = time.perf_counter()
+    build_session(config, cache)
+    cold, warm = t1 - t0, time.perf_counter() - t1
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    result = {"commit": commit.stdout.strip(), "imports_s": imports,
+              **{f"{name}_first_then_again": values for name, values in parts.items()},
+              "session_from_disk_s": cold, "session_from_warm_cache_s": warm, "cache_counts": dict(cache.counts)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from airlora.io import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
