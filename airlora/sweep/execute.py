@@ -159,7 +159,8 @@ def plan_threads(workers: int | None, threads_per_run: int | None, cores: int | 
     """Workers and torch threads per run so that workers × threads does not exceed the cores.
 
     Unless the sweep file or ``--workers`` says otherwise: one run per core, on one thread each. On the 2-core
-    reference machine two runs at one thread did 1.17× the runs per hour of one run at two (docs/results/runs-per-hour).
+    reference machine two runs at one thread did 1.07–1.17× the runs per hour of one run at two, in three
+    measurements (docs/results/runs-per-hour/sweep_throughput*.json).
     The split never depends on how many runs are left: a run's last float bits depend on its thread count (losses
     differed by 6e-8 at two threads), and a resumed sweep must give the numbers an uninterrupted one gives."""
     cores = cores or os.cpu_count() or 1
