@@ -10,12 +10,12 @@ keeps, each under a key of what it is made from:
 - each tokenised split, keyed by a hash of its sentences and labels, the tokenizer, ``max_length`` and the
   vocabulary (so the runs of one seed, which have the same splits, share them).
 
-The model itself is loaded by ``from_pretrained`` for every run, on purpose. Its safetensors file is memory-mapped:
-after the first run it comes from the OS page cache, and transformers keeps the mapped tensors where it can, so a
-load took 0.06 s for MiniLM and 0.06–0.27 s for a 1.3B-parameter OPT saved in fp16 here, against 0.03 s and 0.8–2 s
-for a deep copy of a model kept in memory. A kept copy would also cost every worker a second model's worth of memory.
-Loading per run also draws the task head from the run's own seeded RNG exactly as a run without the cache does, so a
-run's numbers do not depend on the cache, the worker or the runs before it.
+The model itself is loaded by ``from_pretrained`` for every run, on purpose. Its safetensors file is memory-mapped
+and, after the first run, in the OS page cache: a second load took 0.06 s for MiniLM and 0.07 s for a model of
+OPT-1.3B's shape in fp16, against 0.03 s and 13 s (one thread) for a deep copy of a model kept in memory
+(bench/startup.py). A kept copy would also cost every worker a second model's worth of memory. Loading per run draws
+the task head from the run's own seeded RNG exactly as a run without the cache does, so a run's numbers do not depend
+on the cache, the worker or the runs before it.
 """
 
 from __future__ import annotations
