@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 import torch  # noqa: E402
 
 from airlora.config import RunConfig, merge  # noqa: E402
+from airlora.io import write_text_atomic  # noqa: E402
 from airlora.session import Session, build_session  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_session(**overrides) -> Session:
@@ -47,3 +52,19 @@ def matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def commit(checkout: Path = ROOT) -> str:
+    """The short commit of a checkout, with '+changes' when its tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=checkout).stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print a bench's JSON result and, with ``out``, write it there atomically."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        write_text_atomic(out, text + "\n")

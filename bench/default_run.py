@@ -45,7 +45,7 @@ def measure(allocator: str = "uniform", steps: int = 300, checkout: Path | None 
         summary = json.loads((out / "summary.json").read_text())
         with (out / "metrics.csv").open(newline="") as handle:
             rss = [float(row["rss_mb"]) for row in csv.DictReader(handle)]
-    window = min(100, len(rss) // 3)
+    window = max(1, min(100, len(rss) // 3))
     return {
         "allocator": allocator, "steps": steps, "wall_s": wall, "s_per_step_all_in": wall / steps,
         "peak_rss_mb": peak_mb, "rss_mb_first_100_steps": sum(rss[:window]) / window,
@@ -71,17 +71,10 @@ def against(baseline: Path, allocator: str, steps: int) -> dict:
     runs = [("baseline", measure(allocator, steps, baseline)), ("this", measure(allocator, steps)),
             ("this", measure(allocator, steps)), ("baseline", measure(allocator, steps, baseline))]
     wall = {name: sum(r["wall_s"] for n, r in runs if n == name) for name in ("baseline", "this")}
-    return {"commit": commit(Path(__file__).resolve().parents[1]), "baseline": str(baseline),
-            "baseline_commit": commit(baseline), "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
+    return {"commit": common.commit(), "baseline": str(baseline), "baseline_commit": common.commit(baseline),
+            "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
             "runs": [{"code": name, **r} for name, r in runs]}
 
-
-def commit(checkout: Path) -> str:
-    """The short commit of a checkout, with '+changes' when its working tree differs from it."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=checkout)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=checkout).stdout.strip()
-    return head.stdout.strip() + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ fp16, as facebook/opt-1.3b is saved; built and saved into FOLDER (2.6 GB) when i
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,18 +67,14 @@ def main() -> None:
     t1 = time.perf_counter()
     build_session(config, cache)
     cold, warm = t1 - t0, time.perf_counter() - t1
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    result = {"commit": commit.stdout.strip(), "imports_s": imports,
+    from common import commit, emit
+
+    result = {"commit": commit(), "imports_s": imports,
               **{f"{name}_first_then_again": values for name, values in parts.items()},
               "session_from_disk_s": cold, "session_from_warm_cache_s": warm, "cache_counts": dict(cache.counts)}
     if args.big_model:
         result["big_model"] = big_model(args.big_model)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        from airlora.io import write_text_atomic
-
-        write_text_atomic(args.out, text + "\n")
+    emit(result, args.out)
 
 
 def big_model(folder: Path) -> dict:

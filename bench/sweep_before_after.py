@@ -22,10 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python bench/x.py` from a checkout
 
-from default_run import commit  # noqa: E402
+from common import commit, emit  # noqa: E402
 from sweep_throughput import differences  # noqa: E402
-
-from airlora.io import write_text_atomic  # noqa: E402
 
 
 def one_sweep(sweep: Path, out: Path, checkout: Path | None) -> tuple[float, list[dict]]:
@@ -57,10 +55,7 @@ def main() -> None:
               "wall_s": [{"code": p["code"], "wall_s": p["wall_s"]} for p in passes],
               "ratio_wall_this_over_baseline": wall["this"] / wall["baseline"],
               "identical_rows": not diffs, "differences": diffs}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python bench/x.py` from a checkout
 
-from airlora.io import write_text_atomic  # noqa: E402
+from common import commit, emit  # noqa: E402
+
 from airlora.sweep.execute import execute  # noqa: E402
 from airlora.sweep.grid import load_sweep  # noqa: E402
 
@@ -103,8 +104,7 @@ def main() -> None:
     reference = passes["A"][0]["rows"]
     diffs = sorted({d for p in passes["A"][1:] + passes["B"] for d in differences(reference, p["rows"])})
     result = {
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=ROOT).stdout.strip(),
+        "commit": commit(),
         "grid": {"steps": args.steps, "seeds": args.seeds, "allocators": args.allocators, "runs": runs,
                  "workers": 2, "threads_per_run": 1, "order": args.order},
         "runs_per_hour_cold": runs * len(passes["A"]) / cold_wall * 3600,
@@ -121,10 +121,7 @@ def main() -> None:
             result["runs_per_hour_warm"] / threads["runs_per_hour"])
         # not expected to be empty: matmul reductions split over two threads round differently in the last bit
         result["differences_at_two_threads"] = differences(reference, threads["rows"])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

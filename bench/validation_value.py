@@ -17,7 +17,6 @@ best − last (mean ± 95 % CI).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -112,24 +111,12 @@ def main() -> None:
     jobs = [(a, s, args.steps) for s in args.seeds for a in args.allocators]
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         runs = list(pool.map(measure_run, *zip(*jobs, strict=True)))
-    commit = git_commit()
-    result = {"commit": commit, "settings": vars(args) | {"out": str(args.out)}, "summary": summarise(runs),
+    from common import commit, emit
+
+    result = {"commit": commit(), "settings": vars(args) | {"out": str(args.out)}, "summary": summarise(runs),
               "runs": runs}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        from airlora.io import write_text_atomic
+    emit(result, args.out)
 
-        write_text_atomic(args.out, text + "\n")
-
-
-def git_commit() -> str:
-    """The checkout's short commit, recorded beside the numbers it made."""
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
-    return done.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
