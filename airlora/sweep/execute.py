@@ -203,7 +203,8 @@ def _ray(todo: list[Job], workers: int | None, threads: int, address: str | None
 
     ``workers`` actors (default: the cluster's CPUs over ``threads``) are asked for; each takes the next run once it
     has started, so runs wait in this queue while the cluster cannot place an actor (as Ray tasks would wait in
-    Ray's). An actor that dies fails the run it held and a new one is asked for in its place."""
+    Ray's). An actor that dies fails the run it held and a new one is asked for in its place; an actor that fails to
+    start is not replaced, and when none is left the runs still waiting fail with its error."""
     try:
         import ray
         from ray.exceptions import RayActorError
@@ -224,20 +225,25 @@ def _ray(todo: list[Job], workers: int | None, threads: int, address: str | None
     for _ in range(min(workers, len(todo))):
         start()
     idle, pending, in_flight = [], list(reversed(todo)), {}
+    start_error = "no Ray actor could start"
     try:
         while pending or in_flight:
             while pending and idle:
                 worker = idle.pop()
                 rid, *job = pending.pop()
                 in_flight[worker.run.remote(*job)] = (rid, worker)
+            if not (in_flight or starting):  # every actor failed to start: nothing will take these runs
+                while pending:
+                    yield pending.pop()[0], {"status": "failed", "error": start_error}
+                break
             done, _ = ray.wait([*in_flight, *starting], num_returns=1)
             if done[0] in starting:
                 worker = starting.pop(done[0])
                 try:
                     ray.get(done[0])
                     idle.append(worker)
-                except RayActorError:  # it could not start: ask for another
-                    start()
+                except RayActorError as err:  # its constructor failed: another would fail the same way
+                    start_error = f"the Ray actor could not start ({type(err).__name__}: {err})"
                 continue
             rid, worker = in_flight.pop(done[0])
             try:
