@@ -174,8 +174,4 @@ def split_digest(split: TextSplit) -> str:
 
 def _signature(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
     """Path, size and modification time of each file: a file rewritten since has another signature."""
-    out = []
-    for file in files:
-        stat = file.stat()
-        out.append((str(file), stat.st_size, stat.st_mtime_ns))
-    return tuple(out)
+    return tuple((str(file), (stat := file.stat()).st_size, stat.st_mtime_ns) for file in files)

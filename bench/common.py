@@ -62,6 +62,14 @@ def commit(checkout: Path = ROOT) -> str:
     return head.stdout.strip() + ("+changes" if dirty else "")
 
 
+def import_seconds(env: dict[str, str] | None = None) -> float:
+    """Seconds a fresh interpreter takes to import what `airlora run` imports before it builds the run."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import airlora.cli, airlora.runner, transformers.models.bert"], check=True,
+                   env=env, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
 def emit(result: dict, out: Path | None) -> None:
     """Print a bench's JSON result and, with ``out``, write it there atomically."""
     text = json.dumps(result, indent=2)

@@ -53,17 +53,9 @@ def measure(allocator: str = "uniform", steps: int = 300, checkout: Path | None 
         "rss_mb_second_100_steps": sum(rss[window:2 * window]) / window,
         "rss_mb_last_100_steps": sum(rss[-window:]) / window, "test_accuracy": summary["test_accuracy"],
         "mean_step_s": summary["mean_step_s"], "decision_overhead_ratio": summary["decision_overhead_ratio"],
-        "import_s": import_seconds(env), "setup_s": summary.get("setup_s"), "train_loop_s": summary["train_s"],
+        "import_s": common.import_seconds(env), "setup_s": summary.get("setup_s"), "train_loop_s": summary["train_s"],
         "run_s": summary["wall_s"],
     }
-
-
-def import_seconds(env: dict[str, str] | None = None) -> float:
-    """Seconds a fresh interpreter takes to import what `airlora run` imports before it builds the run."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import airlora.cli, airlora.runner, transformers.models.bert"], check=True,
-                   env=env)
-    return time.perf_counter() - t0
 
 
 def against(baseline: Path, allocator: str, steps: int) -> dict:

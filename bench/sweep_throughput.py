@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as `python bench/x.py` from a checkout
 
-from common import commit, emit  # noqa: E402
+from common import commit, emit, import_seconds  # noqa: E402
 
 from airlora.sweep.execute import execute  # noqa: E402
 from airlora.sweep.grid import load_sweep  # noqa: E402
@@ -70,13 +69,6 @@ def differences(a: list[dict], b: list[dict]) -> list[str]:
         return [f"run ids differ: {sorted(ca.keys() ^ cb.keys())}"]
     return [f"{rid}: {k}" for rid in ca for k in sorted(set(ca[rid]) | set(cb[rid]))
             if ca[rid].get(k) != cb[rid].get(k)]
-
-
-def import_seconds() -> float:
-    """Seconds a fresh interpreter takes to import what a run needs (torch, transformers, airlora.runner)."""
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import airlora.runner, transformers.models.bert"], check=True, cwd=ROOT)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
