@@ -21,9 +21,10 @@ import torch
 from gymnasium import spaces
 
 from airlora.allocators.base import AllocationContext, Allocator, StepOutcome, split_decision
+from airlora.finetuner import FineTuner
 from airlora.session import Session
 from airlora.state import HEAD_FEATURES, state_of
-from airlora.trainer import FineTuner, context
+from airlora.trainer import context
 
 
 class RankAllocationEnv(gym.Env):

@@ -145,7 +145,7 @@ def continue_schedule(state: dict[str, Any], saved: RunConfig, config: RunConfig
     decay, a shorter one steepens it; warm-up is unchanged. The schedule's factor f is recomputed from the new T by
     the trainer, so the base lr is scaled by f_old(s)/f_new(s) to keep lr(s) continuous.
     """
-    from airlora.trainer import linear_warmup_decay
+    from airlora.finetuner import linear_warmup_decay
 
     step, scheduler, groups = state["step"], state["scheduler"], state["optimizer"]["param_groups"]
     if scheduler["last_epoch"] != step:

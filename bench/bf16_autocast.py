@@ -14,7 +14,7 @@ import json
 
 from common import default_session, interleaved, mean
 
-from airlora.trainer import FineTuner
+from airlora.finetuner import FineTuner
 
 
 def measure(iters: int = 2) -> dict[str, float]:

@@ -14,7 +14,8 @@ import json
 from common import default_session, interleaved, matmul_gflops, mean
 from torch.utils.flop_counter import FlopCounterMode
 
-from airlora.trainer import FineTuner, context
+from airlora.finetuner import FineTuner
+from airlora.trainer import context
 
 
 def measure(iters: int = 30) -> dict[str, float]:

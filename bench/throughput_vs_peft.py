@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from airlora.dropout import FastDropout
+from airlora.finetuner import FineTuner
 from airlora.models import head_parameters, load_model
-from airlora.trainer import FineTuner
 
 
 def peft_lora(session, rank: int):

@@ -11,9 +11,10 @@ import torch
 from airlora.adapters import AdapterSet, forget_momentum
 from airlora.allocators import AllocationContext, StepOutcome
 from airlora.allocators.adalora import AdaLoraAllocator, schedule_steps
+from airlora.baseline_config import AdaLoraSettings
 from airlora.channel import Budget, capacity_bps
 from airlora.cli import main
-from airlora.config import AdaLoraSettings, AdapterConfig, RunConfig, TrainConfig
+from airlora.config import AdapterConfig, RunConfig, TrainConfig
 from airlora.models import head_parameters, resolve_modules
 from tests.tiny_models import tiny_model
 

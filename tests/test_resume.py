@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from airlora.config import merge
 from airlora.errors import AirloraError
+from airlora.finetuner import FineTuner
 from airlora.runner import check_same_run, run
-from airlora.trainer import FineTuner
 
 TIMING = {"step_s", "decision_s", "apply_s", "update_s", "rss_mb"}  # measured, not computed
 

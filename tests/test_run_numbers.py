@@ -19,8 +19,8 @@ from airlora.cli import main
 from airlora.config import merge
 from airlora.data import load_splits
 from airlora.export import export_adapter
+from airlora.finetuner import FineTuner
 from airlora.runner import run
-from airlora.trainer import FineTuner
 from tests import reference
 
 SHAPES = {"q": (32, 32), "k": (32, 32), "v": (32, 32), "o": (32, 32), "fc1": (32, 48), "fc2": (48, 32)}

@@ -9,9 +9,10 @@ import torch
 
 from airlora.config import merge
 from airlora.data import TextSplit
+from airlora.finetuner import FineTuner, linear_warmup_decay
 from airlora.runner import run
 from airlora.session import build_session, validation_subset
-from airlora.trainer import FineTuner, evaluate, linear_warmup_decay, reward_converged
+from airlora.trainer import evaluate, reward_converged
 
 
 @pytest.mark.parametrize("lam, reward, expected", [

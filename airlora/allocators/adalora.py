@@ -51,8 +51,9 @@ from torch import nn
 
 from airlora.adapters import SVDLinear
 from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome
+from airlora.baseline_config import AdaLoraSettings
 from airlora.channel import SnrSchedule, capacity_bps, param_cap
-from airlora.config import AdaLoraSettings, RunConfig
+from airlora.config import RunConfig
 from airlora.errors import AirloraError
 from airlora.models import FAMILIES, resolve_modules
 
