@@ -12,7 +12,7 @@ keeps, each under a key of what it is made from:
 
 The model itself is loaded by ``from_pretrained`` for every run, on purpose. Its safetensors file is memory-mapped
 and, after the first run, in the OS page cache: a second load took 0.06 s for MiniLM and 0.07 s for a model of
-OPT-1.3B's shape in fp16, against 0.03 s and 13 s (one thread) for a deep copy of a model kept in memory
+OPT-1.3B's shape in fp16, against 0.2 s and 1.3–13 s (one thread) for a deep copy of a model kept in memory
 (bench/startup.py). A kept copy would also cost every worker a second model's worth of memory. Loading per run draws
 the task head from the run's own seeded RNG exactly as a run without the cache does, so a run's numbers do not depend
 on the cache, the worker or the runs before it.
