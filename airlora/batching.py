@@ -166,6 +166,18 @@ class TrainBatches:
         return self._encoded.collate(rows)
 
 
+    def probe(self, size: int, batch_size: int) -> list[Batch]:
+        """The probe set: a fixed, seeded draw of ``size`` training examples (all of them if fewer), in length-sorted
+        batches of ``batch_size``; the same whatever the step, so two deliveries measured on it are paired."""
+        # a stream of its own: [seed, epoch] draws the training order, and the probe must not depend on the epoch
+        rows = np.random.default_rng([self.seed, PROBE_STREAM]).permutation(len(self))[:size]
+        rows = rows[np.argsort(self._encoded.lengths[rows], kind="stable")]
+        return [self._encoded.collate(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+PROBE_STREAM = 0x70726F62  # "prob"
+
+
 def eval_batches(encoded: EncodedSplit, batch_size: int) -> list[Batch]:
     """Validation/test batches sorted by token length to cut padding; ``Batch.indices`` restores the split order.
 

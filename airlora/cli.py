@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lambda", dest="reward_lambda", type=float, help="λ in R = −U − λ·η (default 0.1)")
     run.add_argument("--data", help="'tweets', a GLUE SST-2 folder, a .tsv/.csv/.parquet file or hf:NAME[/CONFIG]")
     run.add_argument("--eval-every", type=int, help="steps between validation passes (default 100)")
+    run.add_argument("--regime", choices=["delivery", "paper"],
+                     help="what the channel constrains: 'delivery' (default; training ranks stay stable, the allocator "
+                          "decides the delivery) or 'paper' (each step's ranks under that step's channel)")
     run.add_argument("--policy-variant", choices=["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet"],
                      help="airllm: which parts of the hierarchy run (default ppo+ddim-mlp)")
     run.add_argument("--policy", dest="policy_path", help="airllm: start from the policy.pt of an earlier run")
@@ -142,6 +145,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     pairs = {
         "allocator": "allocator", "steps": "train.steps", "seed": "train.seed",
         "reward_lambda": "train.reward_lambda", "data": "data.source", "eval_every": "train.eval_every",
+        "regime": "train.regime",
         "bandwidth_hz": "channel.bandwidth_hz", "t_max_s": "channel.t_max_s", "fading": "channel.fading",
         "r_max": "adapter.r_max", "model": "model",
         "policy_variant": "policy.variant", "policy_path": "policy.load_path", "episodes": "policy.pretrain.episodes",

@@ -31,6 +31,7 @@ CODEC_BITS = (4, 8, 16, 32)
 REPORT_TO = ("auto", "tensorboard", "wandb", "none")
 """Values of ``train.report_to`` (``--report-to``)."""
 Fading = Literal["rayleigh", "awgn", "rician"]
+Regime = Literal["delivery", "paper"]
 SnrSchedule = Literal["random", "cycle", "trace"]
 
 
@@ -198,6 +199,15 @@ class TrainConfig:
     """Early stop after this many evaluations without a validation gain, once the reward has converged."""
     checkpoint_every: int = 50
     """Steps between checkpoints of the whole run state in the run folder, for ``--resume``; 0 turns them off."""
+    regime: Regime = "delivery"
+    """What the channel constrains. 'delivery' (default): only what is sent; the adapter trains with stable ranks
+    (every triplet, or the allocator's own schedule: ``Allocator.training_ranks``) and each step's SNR is a delivery
+    channel the allocator practises its decision on. 'paper': the paper's MDP, each step's ranks projected onto that
+    step's budget and trained at (changing each module's rank from step to step costs 4-9 points: docs/results/
+    regimes)."""
+    probe_examples: int = 32
+    """Training examples (a fixed, seeded draw) on which the 'delivery' regime measures a learning allocator's
+    candidate deliveries, paired against the full adapter on the same examples (two no-grad passes a decision)."""
     seed: int = 42
     """Seed for data split, initialisation, SNR draws and allocators (paper: 42)."""
     device: str = "auto"
@@ -238,6 +248,8 @@ class TrainConfig:
         _check(self.allocate_every >= 1, "train.allocate_every", "an integer >= 1", self.allocate_every)
         _check(self.eval_every >= 1, "train.eval_every", "an integer >= 1", self.eval_every)
         _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
+        _check(self.regime in typing.get_args(Regime), "train.regime", "'delivery' or 'paper'", self.regime)
+        _check(self.probe_examples >= 1, "train.probe_examples", "an integer >= 1", self.probe_examples)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)",
                self.checkpoint_every)
         _check(0 <= self.seed < 2**32, "train.seed", "an integer in [0, 2**32 - 1]", self.seed)

@@ -66,6 +66,7 @@ class Session:
     device: torch.device
     _budgets: dict[float, Budget] = field(default_factory=dict, repr=False)
     _overhead_bytes: int | None = field(default=None, repr=False)
+    _probe_batches: list[Batch] | None = field(default=None, repr=False)
 
     @property
     def head_params(self) -> int:
@@ -110,6 +111,15 @@ class Session:
             reserved_bits=self.head_on_air_bits + 8 * self.overhead_bytes,
         )
         return budget
+
+    @property
+    def probe_batches(self) -> list[Batch]:
+        """The probe set of the ``delivery`` regime (``train.probe_examples`` training examples, fixed and seeded),
+        built on first use."""
+        if self._probe_batches is None:
+            self._probe_batches = self.train_batches.probe(self.config.train.probe_examples,
+                                                           self.config.data.eval_batch_size)
+        return self._probe_batches
 
     def as_delivered(self, ranks: dict[str, int], precisions: dict[str, int] | None) -> AbstractContextManager[None]:
         """Context in which the model is what the edge gets at these ranks and precisions (``AdapterSet.as_delivered``,

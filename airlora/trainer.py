@@ -7,6 +7,7 @@ the adapter delivered, and its ranks, airtime and test accuracy are what the sum
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -32,7 +33,7 @@ METRIC_COLUMNS = [
     "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "transmitted_bits",
     "airtime_s",
     "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "apply_s",
-    "update_s", "rss_mb",
+    "update_s", "probe_s", "rss_mb",
 ]
 
 
@@ -164,10 +165,13 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         loop = restore_loop(session, tuner, resume)
     tracker = tracker or Tracker()
     logged_rows = len(call(allocator, "metric_rows"))  # rows before a resume's checkpoint were logged then
-    several_bits = len(cfg.channel.bits) > 1
+    paper = cfg.train.regime == "paper"
+    several_bits = paper and len(cfg.channel.bits) > 1  # 'delivery' trains at full precision: no precisions.csv
     started = time.perf_counter()
     stopped_early = False
     ranks, precisions = adapters.ranks(), loop.precisions
+    sent: tuple[dict[str, int], dict[str, int]] | None = None
+    """What a delivery at this step's channel would send: the trained ranks ('paper') or the candidate ('delivery')."""
     bar = tqdm(range(loop.step, cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
                dynamic_ncols=True, initial=loop.step, total=cfg.train.steps)
     for step in bar:
@@ -177,15 +181,29 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         batch = session.train_batches.batch(step)
         loop.nothing_fits_steps += budget.nothing_fits()
 
-        # 2. ranks and precisions: the allocator's decision, projected onto the budget and applied to the adapters
+        # 2. the allocator's decision, projected onto this step's budget. 'paper': the ranks and precisions trained at
+        #    this step. 'delivery': a candidate delivery over this step's channel; training ranks stay stable.
         t0 = time.perf_counter()
-        proposed = ranks, precisions
-        if step % cfg.train.allocate_every == 0:
-            decision = call(allocator, "allocate", context(session, step, ranks, batch, precisions), step=step)
-            proposed = checked_decision(decision, budget, allocator, "allocate", step)
-        decision_s = time.perf_counter() - t0
-        ranks, precisions = budget.project_joint(*proposed)  # never train on, or deliver, what breaks this budget
-        tuner.apply(ranks, precisions)
+        decided = step % cfg.train.allocate_every == 0
+        if paper:
+            proposed = ranks, precisions
+            if decided:
+                decision = call(allocator, "allocate", context(session, step, ranks, batch, precisions), step=step)
+                proposed = checked_decision(decision, budget, allocator, "allocate", step)
+            decision_s = time.perf_counter() - t0
+            ranks, precisions = budget.project_joint(*proposed)  # never train on, or deliver, what breaks this budget
+            tuner.apply(ranks, precisions)
+            sent = ranks, precisions
+        else:
+            ctx = context(session, step, ranks, batch, None)
+            if decided or sent is None:
+                decision = call(allocator, "allocate", ctx, step=step)
+                sent = budget.project_joint(*checked_decision(decision, budget, allocator, "allocate", step))
+            else:  # the last candidate, held (train.allocate_every > 1), made to fit this step's channel
+                sent = budget.project_joint(*sent)
+            decision_s = time.perf_counter() - t0
+            ranks = training_ranks(session, call(allocator, "training_ranks", ctx, step=step))
+            tuner.apply(ranks, None)
         apply_s = time.perf_counter() - t0 - decision_s
 
         # 3. one training step; the allocator sees it before the gradients are dropped
@@ -205,22 +223,28 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             raise AirloraError(f"{err} at step {step}; the run stopped. Continue it from {since} with a lower lr: "
                                f"airlora run --out {out} --resume --set train.lr=<lower>") from None
         step_s = time.perf_counter() - t1
-        eta = budget.eta(ranks, precisions)
+        eta = budget.eta(*sent)
         reward = -task_loss - cfg.train.reward_lambda * eta
-        outcome = StepOutcome(step, task_loss, reward, eta, ranks, session.model, precisions)
+        probe_s = 0.0
+        if not paper and decided and allocator.probe_reward:  # the candidate against the full adapter, same examples
+            t3 = time.perf_counter()
+            reward = -(probe_loss(session, sent) - probe_loss(session, None)) - cfg.train.reward_lambda * eta
+            probe_s = time.perf_counter() - t3
+        t4 = time.perf_counter()
+        outcome = StepOutcome(step, task_loss, reward, eta, sent[0], session.model, sent[1])
         call(allocator, "observe", outcome, step=step)  # it learns
         tuner.zero_grad()
-        update_s = time.perf_counter() - t1 - step_s
+        update_s = time.perf_counter() - t4
         loop.rewards_since_eval.append(reward)
 
         row = {
             "step": step, "loss": task_loss, "reward": reward, "eta": eta, "snr_db": snr_db,
             "capacity_bps": budget.capacity_bps, "total_rank": sum(ranks.values()),
-            "transmitted_params": budget.params(ranks), "transmitted_bits": budget.bits(ranks, precisions),
-            "airtime_s": budget.airtime_s(ranks, precisions),
+            "transmitted_params": budget.params(sent[0]), "transmitted_bits": budget.bits(*sent),
+            "airtime_s": budget.airtime_s(*sent),
             "lexical_entropy": batch.lexical_entropy, "oov_rate": batch.oov_rate,
-            "budget_ok": budget.feasible(ranks, precisions), "val_accuracy": "", "step_s": step_s,
-            "decision_s": decision_s, "apply_s": apply_s, "update_s": update_s, "rss_mb": rss_mb(),
+            "budget_ok": budget.feasible(*sent), "val_accuracy": "", "step_s": step_s,
+            "decision_s": decision_s, "apply_s": apply_s, "update_s": update_s, "probe_s": probe_s, "rss_mb": rss_mb(),
         }
 
         # 4. evaluation as it would be delivered (ranks, codecs), best checkpoint, the paper's early-stop rule
@@ -281,6 +305,38 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step,
                        loop.precisions, loop.validations_skipped, loop.rank_rows, loop.precision_rows)
+
+
+def training_ranks(session: Session, wanted: Any) -> dict[str, int]:
+    """The 'delivery' regime's training ranks: what ``Allocator.training_ranks`` asked for, clipped to [0, r_max]
+    (no channel projection: nothing is sent while training), or every triplet when it asked for nothing."""
+    r_max, keys = session.config.adapter.r_max, session.adapters.modules
+    if wanted is None:
+        return dict.fromkeys(keys, r_max)
+    if isinstance(wanted, tuple):  # (ranks, precisions): training is at full precision, the ranks are what counts
+        wanted = wanted[0]
+    if not isinstance(wanted, dict) or set(wanted) != set(keys):
+        raise AirloraError(f"allocator {session.config.allocator!r} returned bad training ranks: expected a rank "
+                           f"mapping with exactly the keys {next(iter(keys))} … or None (every triplet)")
+    return {key: int(min(max(math.floor(wanted[key]), 0), r_max)) for key in keys}
+
+
+def probe_loss(session: Session, delivery: tuple[dict[str, int], dict[str, int]] | None) -> float:
+    """Mean task loss on the probe set with the model as ``delivery`` (ranks, precisions) would deliver it, or as it
+    is (None: the full adapter). No gradients, dropout off: two calls on the same weights are paired."""
+    model = session.model
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    with torch.inference_mode(), session.autocast(), (session.as_delivered(*delivery) if delivery is not None
+                                                      else contextlib.nullcontext()):
+        for batch in session.probe_batches:
+            batch = batch.to(session.device)
+            n = int(batch.labels.numel())
+            total += float(model(**batch.inputs, labels=batch.labels).loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1.0)
 
 
 def delivery_snr_db(session: Session) -> float:

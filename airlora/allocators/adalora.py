@@ -50,12 +50,13 @@ import torch
 from torch import nn
 
 from airlora.adapters import SVDLinear
-from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome, split_decision
 from airlora.baseline_config import AdaLoraSettings
 from airlora.channel import SnrSchedule, capacity_bps, param_cap
 from airlora.config import RunConfig
 from airlora.errors import AirloraError
 from airlora.models import FAMILIES, resolve_modules
+from airlora.ranks import RankMap
 
 if TYPE_CHECKING:
     from peft import AdaLoraConfig
@@ -188,6 +189,11 @@ class AdaLoraAllocator(Allocator):
         if len(ctx.budget.allowed_bits) == 1:
             return ranks
         return ranks, dict.fromkeys(ctx.budget.keys, self.precision)
+
+    def training_ranks(self, ctx: AllocationContext) -> RankMap:
+        """``delivery`` regime: AdaLoRA prunes as it trains, so it trains at its own schedule's ranks (monotone in
+        total, a final phase at the delivered shape); the channel does not throttle them."""
+        return split_decision(self.allocate(ctx))[0]
 
     def _set_target(self, ctx: AllocationContext) -> None:
         """The final allocation's bits (from target_bits, or what fits T_max at the design SNR) and its precision."""

@@ -4,11 +4,15 @@ The policy itself (PPO → DDIM refiner → critic, its learning and its file) i
 this class only turns the trainer's ``AllocationContext`` into the policy's state and the ``StepOutcome`` into a
 recorded transition, so the trainer, the Gymnasium environment and the bandit drive it through the same calls.
 
-With several allowed precisions (``channel.bits``) it returns ranks only: the budget's joint projection picks each
-module's precision (the highest at which the ranks fit, lowered where they do not, before any rank is cut), and the
-policy prices its ranks at what that projection will execute (``Geometry``), so at a tight budget it proposes the
-ranks a lower precision makes affordable. Precision itself is not learned: the critic models the loss as a function
-of the ranks (int8 and int4 deliveries measured within 0.15 points of fp32 at the same ranks).
+The two regimes (``train.regime``):
+- ``delivery`` (default): each decision is a candidate delivery over the step's channel, measured on the probe set
+  against the full adapter (``probe_reward``), and it chooses precision as well as ranks: a common precision per
+  delivery channel by a bandit on that reward (``airlora.policy.precision``), then the ranks priced at it. The
+  projection only lowers what does not fit, so the bits sent are the bits it chose.
+- ``paper``: the paper's MDP, as first built: ranks only, every step's decision trained at. With several allowed
+  precisions the budget's joint projection picks each module's precision (the highest at which the ranks fit,
+  lowered where they do not, before any rank is cut), and the policy prices its ranks at what that projection will
+  execute (``Geometry``).
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from airlora.allocators.base import AllocationContext, Allocator, StepOutcome
+from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome
 from airlora.config import RunConfig
 from airlora.policy.hierarchical import Geometry, RankPolicy, load_policy_file
+from airlora.policy.precision import PrecisionChoice
 from airlora.policy.threads import single_thread
-from airlora.ranks import RankMap
 from airlora.state import state_of
 
 POLICY_FILE = "policy.pt"
@@ -43,15 +47,24 @@ class AirLLMAllocator(Allocator):
         self.pending: dict[str, Any] | None = None
         self.metrics: list[dict[str, Any]] = []
         self.decision_s: list[float] = []
+        self.delivery = config.train.regime == "delivery"
+        self.probe_reward = self.delivery  # learns from the paired probe-set reward of its candidate deliveries
+        self.precision = PrecisionChoice(len(config.channel.bits))
+        self.geometries: list[Geometry] = []
+        """The ranks priced at each allowed precision (ascending), the last the policy's own."""
 
     def _build(self, ctx: AllocationContext) -> None:
         budget = ctx.budget
         self.keys = list(budget.keys)
         unit = budget.unit_bits  # (M, K) exact on-air bits per unit rank at each allowed precision, ascending
-        geometry = Geometry(torch.tensor(unit[:, -1], dtype=torch.float32), float(budget.reserved_bits),
-                            budget.t_max_s, budget.r_max,
-                            torch.tensor(unit[:, 0], dtype=torch.float32) if unit.shape[1] > 1 else None)
-        self.policy = RankPolicy(self.keys, geometry, self.config.policy, self.config.train.reward_lambda, self.seed)
+        # at level k: k's bits while the ranks fit there, the budget filled at lower precisions while they fit at the
+        # lowest (the projection's order), then cut
+        self.geometries = [Geometry(torch.tensor(unit[:, k], dtype=torch.float32), float(budget.reserved_bits),
+                                    budget.t_max_s, budget.r_max,
+                                    torch.tensor(unit[:, 0], dtype=torch.float32) if k > 0 else None)
+                           for k in range(unit.shape[1])]
+        self.policy = RankPolicy(self.keys, self.geometries[-1], self.config.policy, self.config.train.reward_lambda,
+                                 self.seed)
         if self.config.policy.load_path:
             path = Path(self.config.policy.load_path)
             self.policy.load_policy(load_policy_file(path), f"--policy {str(path)!r}")
@@ -59,28 +72,45 @@ class AirLLMAllocator(Allocator):
     def _state(self, ctx: AllocationContext) -> torch.Tensor:
         return torch.from_numpy(state_of(ctx, self.keys))  # (S,)
 
-    def allocate(self, ctx: AllocationContext) -> RankMap:
+    def allocate(self, ctx: AllocationContext) -> Decision:
         with single_thread():
             if self.policy is None:
                 self._build(ctx)
             t0 = time.perf_counter()
-            ranks, self.pending = self.policy.act(self._state(ctx), ctx.budget.capacity_bps)
+            decision, self.pending = self._decide(ctx, explore=True)
             self.decision_s.append(time.perf_counter() - t0)
-        return dict(zip(self.keys, ranks, strict=True))
+        return decision
 
-    def deliver(self, ctx: AllocationContext) -> RankMap:
-        """The deterministic decision for this channel: PPO's mean, a fixed noise seed, the pessimistic critic."""
+    def deliver(self, ctx: AllocationContext) -> Decision:
+        """The deterministic decision for this channel: PPO's mean, a fixed noise seed, the pessimistic critic (and
+        in the ``delivery`` regime the precision with the best mean reward there)."""
         with single_thread():
             if self.policy is None:
                 self._build(ctx)
-            ranks, _ = self.policy.act(self._state(ctx), ctx.budget.capacity_bps, explore=False)
-        return dict(zip(self.keys, ranks, strict=True))
+            decision, _ = self._decide(ctx, explore=False)
+        return decision
+
+    def _decide(self, ctx: AllocationContext, explore: bool) -> tuple[Decision, dict[str, Any]]:
+        """'paper': ranks only. 'delivery': a precision for this channel, then ranks priced at it."""
+        state, capacity = self._state(ctx), ctx.budget.capacity_bps
+        if not self.delivery:
+            ranks, record = self.policy.act(state, capacity, explore=explore)
+            return dict(zip(self.keys, ranks, strict=True)), record
+        level = self.precision.choose(ctx.snr_db, explore)
+        with self.policy.priced_at(self.geometries[level]):
+            ranks, record = self.policy.act(state, capacity, explore=explore)
+        record |= {"snr_db": ctx.snr_db, "level": level}
+        bits = ctx.budget.allowed_bits[level]
+        return (dict(zip(self.keys, ranks, strict=True)), dict.fromkeys(self.keys, bits)), record
 
     def observe(self, outcome: StepOutcome) -> None:
         if self.pending is None:  # a step the allocator did not decide (allocate_every > 1)
             return
         decision, self.pending = self.pending, None
         t0 = time.perf_counter()
+        if "level" in decision:
+            level = decision.pop("level")
+            self.precision.update(decision.pop("snr_db"), level, outcome.reward)
         with single_thread():
             row = self.policy.record(decision, [outcome.ranks[k] for k in self.keys], outcome.reward, outcome.eta)
         if row is not None:
@@ -113,10 +143,12 @@ class AirLLMAllocator(Allocator):
     def state_dict(self) -> dict[str, Any]:
         """The policy's whole state, the learning log and the decision times."""
         return {"policy": None if self.policy is None else self.policy.state_dict(), "metrics": self.metrics,
-                "decision_s": self.decision_s}
+                "decision_s": self.decision_s, "precision": self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], ctx: AllocationContext, model: torch.nn.Module) -> None:
         if state["policy"] is not None:
             self._build(ctx)
             self.policy.load_state_dict(state["policy"])
         self.metrics, self.decision_s = state["metrics"], state["decision_s"]
+        if "precision" in state:  # checkpoints before the delivery regime have none
+            self.precision.load_state_dict(state["precision"])

@@ -20,6 +20,19 @@ of the trainer (``airlora.trainer.train``), like PEFT's ``update_and_allocate`` 
             allocator.state_dict()                      # 5. into the checkpoint (tensors and plain values)
     allocator.save(out)                                 # 6. once, at the end: its own files, extra summary fields
 
+That is the ``paper`` regime (``train.regime``), the paper's MDP. In the default ``delivery`` regime the channel
+constrains only what is sent, and the same calls mean::
+
+    for step in range(steps):
+        ranks = allocator.training_ranks(ctx)           # 0. the ranks to train at (None: every triplet, r_max);
+                                                        #    never projected onto a channel
+        if step % train.allocate_every == 0:
+            decision = allocator.allocate(ctx)          # 1. a candidate delivery for ctx's channel (this step's SNR
+        loss.backward(); optimizer.step()               #    is a delivery channel to practise on), projected
+        allocator.observe(outcome)                      # 2. outcome.ranks/precisions: that candidate; reward: with
+        optimizer.zero_grad()                           #    ``probe_reward`` its paired probe-set reward, else −U − λ·η
+        ...                                             # 3.-6. as above
+
 ``load_state_dict(state, ctx, model)`` restores 5. on ``--resume`` before the first step. ``deliver`` is also called
 for each SNR's delivery (``train.deliver_every_snr``) after training. The trainer never knows which allocator it
 talks to. An error raised by any of these calls stops the run with one line naming the allocator, the call and
@@ -128,6 +141,10 @@ class Allocator:
     name: str = ""
     first_deliverable_step: int = 0
     """Checkpoints before this step are not delivered (an allocator whose final ranks come late, like AdaLoRA)."""
+    probe_reward: bool = False
+    """``delivery`` regime: True asks the trainer to measure each candidate delivery on the probe set, paired against
+    the full adapter on the same examples (``StepOutcome.reward`` = −(U_candidate − U_full) − λ·η, two no-grad passes
+    a decision); False leaves the cheap −U − λ·η of the training batch (an allocator that does not learn from it)."""
 
     def __init__(self, config: RunConfig, seed: int) -> None:
         self.config = config
@@ -136,6 +153,12 @@ class Allocator:
     def allocate(self, ctx: AllocationContext) -> Decision:
         """Ranks (and optionally precisions) for the next step; the trainer projects them onto ``ctx.budget``."""
         raise NotImplementedError
+
+    def training_ranks(self, ctx: AllocationContext) -> RankMap | None:
+        """``delivery`` regime: the ranks the adapter trains at this step, not projected onto any channel; None (the
+        default) trains every triplet. An allocator that schedules its own training ranks (AdaLoRA's pruning) says so
+        here; the channel never throttles training."""
+        return None
 
     def observe(self, outcome: StepOutcome) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad()``; ``outcome.model`` is None off a real run."""

@@ -22,7 +22,9 @@ The 'ppo' variant is PPO alone with a categorical head per module; 'ddim' is the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,16 @@ class RankPolicy:
         self.generator = torch.Generator().manual_seed(seed)
 
     # ----- deciding ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def priced_at(self, geometry: Geometry) -> Iterator[None]:
+        """Decide with the ranks priced by ``geometry`` (a precision chosen before the ranks:
+        ``airlora.policy.precision``); learning and policy.pt keep the policy's own pricing."""
+        saved, self.geometry = self.geometry, geometry
+        try:
+            yield
+        finally:
+            self.geometry = saved
+
     def act(self, state: Tensor, capacity_bps: float, explore: bool = True) -> tuple[list[int], dict[str, Any]]:
         """Ranks for state (S,) at this capacity, and what ``record`` needs later; ``explore`` False is the
         deterministic delivery decision (PPO's mean or mode, a fixed noise seed, pessimistic critic)."""
