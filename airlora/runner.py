@@ -100,6 +100,9 @@ def saved_config(out: Path) -> RunConfig:
     data = _read_config_json(out)
     data.pop("resolved", None)
     data.pop("history", None)
+    train = data.get("train")
+    if isinstance(train, dict) and "regime" not in train:  # made before the regimes: the per-step MDP
+        data["train"] = train | {"regime": "paper"}
     return from_dict(RunConfig, data)
 
 
@@ -285,6 +288,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
     decision_s = [r["decision_s"] for r in rows]
     return {
         "allocator": cfg.allocator,
+        "regime": cfg.train.regime,
         "model": str(session.model_dir) if cfg.model != "minilm" else "all-MiniLM-L6-v2",
         "dataset": session.splits.name,
         "dataset_sizes": session.splits.sizes(),
@@ -327,6 +331,8 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "mean_step_s": float(np.mean(step_s)),
         "mean_decision_s": float(np.mean(decision_s)),
         "decision_overhead_ratio": float(np.mean(decision_s) / np.mean(step_s)),
+        "mean_probe_s": float(np.mean([r.get("probe_s", 0.0) for r in rows])),
+        "probe_overhead_ratio": float(np.mean([r.get("probe_s", 0.0) for r in rows]) / np.mean(step_s)),
         "mean_apply_s": float(np.mean([r["apply_s"] for r in rows])),
         "mean_update_s": float(np.mean([r["update_s"] for r in rows])),
         "eval_s": result.eval_s,

@@ -30,11 +30,13 @@ from airlora.session import Session
 from airlora.tracking import Tracker
 
 METRIC_COLUMNS = [
-    "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "transmitted_params", "transmitted_bits",
-    "airtime_s",
-    "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s", "decision_s", "apply_s",
-    "update_s", "probe_s", "rss_mb",
+    "step", "loss", "reward", "eta", "snr_db", "capacity_bps", "total_rank", "training_rank", "transmitted_params",
+    "transmitted_bits", "airtime_s", "lexical_entropy", "oov_rate", "budget_ok", "val_accuracy", "step_s",
+    "decision_s", "apply_s", "update_s", "probe_s", "rss_mb",
 ]
+"""metrics.csv. The delivery figures (total_rank, transmitted_*, airtime_s, eta, budget_ok) are of what a delivery at
+the step's channel would send: the ranks trained at ('paper') or the allocator's candidate ('delivery');
+training_rank is the sum of the ranks trained at (ranks.csv has them per module)."""
 
 
 CHECKPOINT_FORMAT = "airlora-checkpoint/2"  # /2: the best checkpoint keeps its ranks and precisions
@@ -239,7 +241,8 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
 
         row = {
             "step": step, "loss": task_loss, "reward": reward, "eta": eta, "snr_db": snr_db,
-            "capacity_bps": budget.capacity_bps, "total_rank": sum(ranks.values()),
+            "capacity_bps": budget.capacity_bps, "total_rank": sum(sent[0].values()),
+            "training_rank": sum(ranks.values()),
             "transmitted_params": budget.params(sent[0]), "transmitted_bits": budget.bits(*sent),
             "airtime_s": budget.airtime_s(*sent),
             "lexical_entropy": batch.lexical_entropy, "oov_rate": batch.oov_rate,

@@ -18,7 +18,7 @@ from airlora.errors import AirloraError
 from airlora.finetuner import FineTuner
 from airlora.runner import check_same_run, run
 
-TIMING = {"step_s", "decision_s", "apply_s", "update_s", "rss_mb"}  # measured, not computed
+TIMING = {"step_s", "decision_s", "apply_s", "update_s", "probe_s", "rss_mb"}  # measured, not computed
 
 
 def metrics(out):
@@ -37,17 +37,20 @@ def same_outputs(a, b):
 
 
 def resumable(tiny_config, allocator, steps=12):
-    # "name+joint": every codec allowed (and, for uniform, quantisation-aware training) on a link where they matter
+    # "name+joint": every codec allowed (and, for uniform, quantisation-aware training) on a link where they matter;
+    # "@paper": in the paper's per-step regime (the default is 'delivery')
+    allocator, _, regime = allocator.partition("@")
     name, _, joint = allocator.partition("+")
     extra = {"channel.bits": [4, 8, 16, 32], "channel.bandwidth_hz": 1e5} if joint else {}
     if joint and name == "uniform":
         extra["train.quantization_aware"] = True
     return merge(tiny_config, {"allocator": name, "train.steps": steps, "train.checkpoint_every": 4,
-                               "policy.episode_steps": 3, **extra})
+                               "policy.episode_steps": 3, "train.regime": regime or "delivery", **extra})
 
 
 @pytest.mark.parametrize("allocator", ["airllm", "adalora", "heuristic", "random", "uniform", "heuristic+joint",
-                                       "uniform+joint", "adalora+joint"])
+                                       "uniform+joint", "adalora+joint", "airllm+joint", "airllm@paper",
+                                       "adalora@paper", "uniform+joint@paper", "random@paper"])
 def test_a_crashed_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch, allocator):
     config = resumable(tiny_config, allocator)
     run(config, tmp_path / "whole")

@@ -22,9 +22,14 @@ NEW_SUMMARY_KEYS = ("precisions", "on_air_bits", "delivery_overhead_bytes", "cap
 train.deliver_every_snr, pretrain with policy.pretrain.before_run)."""
 
 
-def method_of(allocator: str, variant: str) -> str:
-    """The name a table shows: the allocator, or for airllm the policy variant (paper Table III)."""
-    return allocator if allocator != "airllm" else variant
+PAPER_SUFFIX = " [paper]"
+"""Appended to a method trained in the ``paper`` regime (``train.regime``), so the two regimes never pool."""
+
+
+def method_of(allocator: str, variant: str, regime: str = "delivery") -> str:
+    """The name a table shows: the allocator, or for airllm the policy variant (paper Table III); marked when the
+    run trained in the paper's per-step regime."""
+    return (allocator if allocator != "airllm" else variant) + (PAPER_SUFFIX if regime == "paper" else "")
 
 
 def settings_of(run: PlannedRun) -> dict[str, Any]:
@@ -32,7 +37,8 @@ def settings_of(run: PlannedRun) -> dict[str, Any]:
     cfg = run.config
     diffusion = cfg.policy.effective_diffusion()
     return {
-        "method": method_of(cfg.allocator, cfg.policy.variant),
+        "method": method_of(cfg.allocator, cfg.policy.variant, cfg.train.regime),
+        "regime": cfg.train.regime,
         "allocator": cfg.allocator,
         "variant": cfg.policy.variant if cfg.allocator == "airllm" else None,
         "seed": cfg.train.seed,

@@ -8,6 +8,7 @@ from functools import cache
 from typing import Any
 
 from airlora.config import RunConfig, flatten
+from airlora.sweep.rows import PAPER_SUFFIX
 from airlora.sweep.stats import mean_ci
 
 Row = dict[str, Any]
@@ -23,7 +24,8 @@ ORDER = ["ppo", "ddim", "ppo+ddpm", "ppo+ddim-mlp", "ppo+ddim-unet", "adalora", 
 
 
 def label(method: str) -> str:
-    return LABELS.get(method, method)
+    base = method.removesuffix(PAPER_SUFFIX)
+    return LABELS.get(base, base) + (" [paper MDP]" if base != method else "")
 
 
 def of(rows: Iterable[Row], experiment: str) -> list[Row]:
@@ -43,7 +45,7 @@ def setting(row: Row) -> str:
     """What a run set besides its seed: its method and each value that differs from the defaults."""
     defaults = _defaults()
     extra = [f"{key.rsplit('.', 1)[-1]} {_value(value)}" for key, value in sorted(row["params"].items())
-             if key not in ("allocator", "policy.variant", "train.seed") and defaults.get(key, object()) != value]
+             if key not in ("allocator", "policy.variant", "train.seed", "train.regime") and defaults.get(key, object()) != value]
     return ", ".join([label(row["method"])] + extra)
 
 
@@ -59,7 +61,8 @@ def _value(value: Any) -> str:
 
 def methods_in(rows: Iterable[Row]) -> list[str]:
     present = {r["method"] for r in rows}
-    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+    known = [m + suffix for m in ORDER for suffix in ("", PAPER_SUFFIX) if m + suffix in present]
+    return known + sorted(present - set(known))
 
 
 def cell(rows: list[Row], field: str, digits: int = 4, scale: float = 1.0) -> str:
