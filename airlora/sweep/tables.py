@@ -41,11 +41,15 @@ def group(rows: Iterable[Row], key: str | Callable[[Row], Any]) -> dict[Any, lis
     return dict(out)
 
 
+SHOWN_ELSEWHERE = ("allocator", "policy.variant", "train.seed", "train.regime")
+"""Params a setting's name already says (the method and its regime) or that a table pools over (the seed)."""
+
+
 def setting(row: Row) -> str:
     """What a run set besides its seed: its method and each value that differs from the defaults."""
     defaults = _defaults()
     extra = [f"{key.rsplit('.', 1)[-1]} {_value(value)}" for key, value in sorted(row["params"].items())
-             if key not in ("allocator", "policy.variant", "train.seed", "train.regime") and defaults.get(key, object()) != value]
+             if key not in SHOWN_ELSEWHERE and defaults.get(key, object()) != value]
     return ", ".join([label(row["method"])] + extra)
 
 
