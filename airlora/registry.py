@@ -31,6 +31,7 @@ BUILTIN: dict[str, str] = {
     "heuristic": "airlora.allocators.heuristic:HeuristicAllocator",
     "adalora": "airlora.allocators.adalora:AdaLoraAllocator",
     "airllm": "airlora.allocators.airllm:AirLLMAllocator",
+    "compress": "airlora.allocators.compress:CompressAllocator",
 }
 """The allocators airlora ships: name -> ``"module:Class"``."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
