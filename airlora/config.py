@@ -224,6 +224,11 @@ class TrainConfig:
     """Also deliver the best checkpoint at every SNR of the run's schedule (its decision, projected onto each
     budget) and report each one's ranks, size, airtime and test accuracy in the summary (one test pass per
     distinct rank vector): accuracy against SNR from one run (the paper's Fig. 4)."""
+    deliver_t_max_s: tuple[float, ...] = ()
+    """Also deliver the best checkpoint at each of these latency budgets T_max (at its delivery SNR), at the run's
+    allowed precisions and, with several, at the highest alone; the summary's budget_front gives each one's decision,
+    on-air bits and test accuracy (one test pass per distinct decision): accuracy against bits from one run. In the
+    'delivery' regime training does not depend on the budget, so each point is what that budget's run would deliver."""
     quantization_aware: bool = False
     """Quantisation-aware training: the training forward sends each module's active triplets through its codec's
     round trip (fake-quantisation, straight-through gradients), so training sees the precision it will be delivered
@@ -248,6 +253,10 @@ class TrainConfig:
         _check(self.allocate_every >= 1, "train.allocate_every", "an integer >= 1", self.allocate_every)
         _check(self.eval_every >= 1, "train.eval_every", "an integer >= 1", self.eval_every)
         _check(self.patience >= 1, "train.patience", "an integer >= 1", self.patience)
+        self.deliver_t_max_s = (tuple(float(t) for t in self.deliver_t_max_s)
+                                if isinstance(self.deliver_t_max_s, (list, tuple)) else self.deliver_t_max_s)
+        _check(isinstance(self.deliver_t_max_s, tuple) and all(_finite(t) and t > 0 for t in self.deliver_t_max_s),
+               "train.deliver_t_max_s", "a list of positive numbers of seconds", self.deliver_t_max_s)
         _check(self.regime in typing.get_args(Regime), "train.regime", "'delivery' or 'paper'", self.regime)
         _check(self.probe_examples >= 1, "train.probe_examples", "an integer >= 1", self.probe_examples)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0 (0: no checkpoints)",

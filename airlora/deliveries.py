@@ -1,4 +1,5 @@
-"""Delivery at every SNR of a run's schedule from one training run (accuracy against SNR, the paper's Fig. 4)."""
+"""More deliveries of one trained adapter: at every SNR of the run's schedule (accuracy against SNR, the paper's
+Fig. 4), and at other latency budgets and precision sets (accuracy against on-air bits: a budget front)."""
 
 from __future__ import annotations
 
@@ -30,4 +31,33 @@ def per_snr_deliveries(session: Session, result: TrainResult) -> list[dict[str, 
                     "transmitted_bits": on_air - 8 * session.overhead_bytes, "on_air_bits": on_air,
                     "airtime_s": budget.airtime_s(ranks, precisions), "budget_ok": budget.feasible(ranks, precisions),
                     "test_accuracy": accuracy_of[key]})
+    return out
+
+
+def budget_front(session: Session, result: TrainResult) -> list[dict[str, Any]]:
+    """At the delivery SNR, for each T_max of ``train.deliver_t_max_s`` and each precision set (the run's allowed
+    precisions and, when there are several, the highest alone): the allocator's decision for that budget applied to
+    the best checkpoint (restored by the caller), its on-air bits, airtime and test accuracy after the codecs.
+
+    In the ``delivery`` regime training does not depend on the budget, so each point is what a run at that budget
+    would deliver from the same adapter (up to which checkpoint validation picks, and for AdaLoRA, whose pruning
+    schedule aims at the run's own budget, not at all).
+    """
+    cfg = session.config
+    snr_db = result.best.snr_db
+    sets = [cfg.channel.bits] + ([(cfg.channel.bits_per_param,)] if len(cfg.channel.bits) > 1 else [])
+    out, accuracy_of = [], {}
+    for t_max_s in cfg.train.deliver_t_max_s:
+        for bits in sets:
+            budget = session.budget(snr_db, t_max_s, bits)
+            ranks, precisions = delivery_decision(session, snr_db, result.steps_run, result.final_ranks, result.rows,
+                                                  result.final_precisions, budget)
+            key = tuple((ranks[k], precisions[k]) for k in budget.keys)
+            if key not in accuracy_of:
+                with session.as_delivered(ranks, precisions):
+                    accuracy_of[key] = evaluate(session, session.test_batches)
+            out.append({"t_max_s": t_max_s, "bits": list(bits), "snr_db": snr_db, "ranks": ranks,
+                        "precisions": precisions, "on_air_bits": budget.bits(ranks, precisions),
+                        "airtime_s": budget.airtime_s(ranks, precisions),
+                        "budget_ok": budget.feasible(ranks, precisions), "test_accuracy": accuracy_of[key]})
     return out

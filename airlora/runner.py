@@ -18,7 +18,7 @@ from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
 from airlora.codecs import common_bits
 from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
-from airlora.deliveries import per_snr_deliveries
+from airlora.deliveries import budget_front, per_snr_deliveries
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic
 from airlora.loader import Loader
@@ -225,6 +225,7 @@ def _train_and_deliver(session: Session, out: Path, checkpoint: dict[str, Any] |
     write_step_files(out, result.rows, result.rank_rows, result.precision_rows)
     restore(session, result.best)
     deliveries = per_snr_deliveries(session, result) if config.train.deliver_every_snr else None
+    front = budget_front(session, result) if config.train.deliver_t_max_s else None
     session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
     precisions = delivered_precisions(session, result)
     write_adapter(session, out / "adapter.safetensors", precisions)
@@ -234,6 +235,8 @@ def _train_and_deliver(session: Session, out: Path, checkpoint: dict[str, Any] |
     summary = summarise(session, result, test_accuracy, time.perf_counter() - started)
     summary.update(extras)
     accuracies = {"test_accuracy": test_accuracy}
+    if front is not None:
+        summary["budget_front"] = front
     if deliveries is not None:
         summary["deliveries"] = deliveries
         accuracies |= {f"test_accuracy_{d['snr_db']:g}dB": d["test_accuracy"] for d in deliveries}

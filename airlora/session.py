@@ -64,7 +64,7 @@ class Session:
     snr: SnrSchedule
     allocator: Allocator
     device: torch.device
-    _budgets: dict[float, Budget] = field(default_factory=dict, repr=False)
+    _budgets: dict[tuple[float, float, tuple[int, ...]], Budget] = field(default_factory=dict, repr=False)
     _overhead_bytes: int | None = field(default=None, repr=False)
     _probe_batches: list[Batch] | None = field(default=None, repr=False)
 
@@ -95,18 +95,20 @@ class Session:
                 cfg.train.steps)
         return self._overhead_bytes
 
-    def budget(self, snr_db: float) -> Budget:
+    def budget(self, snr_db: float, t_max_s: float | None = None, bits: tuple[int, ...] | None = None) -> Budget:
         """The airtime budget at ``snr_db``: every module's bits per codec, the head and the overhead reserved first;
-        built once per SNR value."""
-        if snr_db in self._budgets:
-            return self._budgets[snr_db]
+        built once per SNR value. ``t_max_s`` and ``bits`` (default the run's) give another latency budget or
+        another set of allowed precisions (``train.deliver_t_max_s``); the head stays at the run's highest."""
         ch = self.config.channel
-        budget = self._budgets[snr_db] = Budget.for_delivery(
+        key = (snr_db, ch.t_max_s if t_max_s is None else t_max_s, ch.bits if bits is None else tuple(sorted(bits)))
+        if key in self._budgets:
+            return self._budgets[key]
+        budget = self._budgets[key] = Budget.for_delivery(
             self.module_map.shapes,
             r_max=self.config.adapter.r_max,
-            allowed_bits=ch.bits,
+            allowed_bits=key[2],
             capacity_bps=capacity_bps(snr_db, ch, self.bandwidth_hz),
-            t_max_s=ch.t_max_s,
+            t_max_s=key[1],
             reserved_params=self.head_params,
             reserved_bits=self.head_on_air_bits + 8 * self.overhead_bytes,
         )

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from airlora.allocators import AllocationContext, StepOutcome
 from airlora.allocators.base import call, checked_decision
 from airlora.batching import Batch
+from airlora.budget import Budget
 from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng_state
 from airlora.errors import AirloraError
 from airlora.finetuner import FineTuner, NonFiniteLoss
@@ -352,14 +353,16 @@ def delivery_snr_db(session: Session) -> float:
 
 
 def delivery_decision(session: Session, snr_db: float, step: int, ranks: dict[str, int], rows: list[dict[str, Any]],
-                      precisions: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+                      precisions: dict[str, int] | None = None, budget: Budget | None = None
+                      ) -> tuple[dict[str, int], dict[str, int]]:
     """The allocator's evaluation-mode decision for a delivery at ``snr_db``, projected onto that budget: (ranks,
     precisions).
 
     Its state: the ranks and precisions now, the mean lexical entropy and OOV rate of the batches trained so far (the
-    data the adapter learned from, rather than one batch's), the progress after ``step`` steps.
+    data the adapter learned from, rather than one batch's), the progress after ``step`` steps. ``budget``: another
+    budget over that channel (another T_max or set of precisions) than the run's.
     """
-    budget = session.budget(snr_db)
+    budget = session.budget(snr_db) if budget is None else budget
     entropy = float(np.mean([r["lexical_entropy"] for r in rows])) if rows else 0.0
     oov = float(np.mean([r["oov_rate"] for r in rows])) if rows else 0.0
     ctx = AllocationContext(step, snr_db, budget, entropy, oov, ranks, session.bandwidth_hz,

@@ -142,3 +142,32 @@ def test_probe_loss_is_the_loss_of_the_delivered_model_on_fixed_training_example
     session.model.train()
     probe_loss(session, nothing)
     assert session.model.training  # put back as it was (dropout stays on for training)
+
+
+@pytest.mark.parametrize("allocator", names())
+def test_a_budget_front_from_one_run_fits_every_budget(tiny_config, tmp_path, allocator):
+    # one validation, at the last step: the delivered checkpoint is the final state the front's decisions are made in
+    config = merge(tiny_config, {"allocator": allocator, "train.steps": 6, "train.eval_every": 6,
+                                 "channel.bits": [4, 8, 32],
+                                 "channel.delivery_snr_db": 5.0, "train.deliver_t_max_s": [0.3, 1.0, 3.0],
+                                 "policy.episode_steps": 3})
+    summary = run(config, tmp_path)
+    front = summary["budget_front"]
+    assert [(p["t_max_s"], p["bits"]) for p in front] == [(t, b) for t in (0.3, 1.0, 3.0) for b in ([4, 8, 32], [32])]
+    for point in front:
+        assert point["on_air_bits"] / summary["capacity_bps"] <= point["t_max_s"] * (1 + 1e-12)
+        assert set(point["precisions"].values()) <= set(point["bits"])
+    at_own = next(p for p in front if p["t_max_s"] == 1.0 and p["bits"] == [4, 8, 32])  # the run's own budget
+    assert at_own["on_air_bits"] == summary["on_air_bits"] and at_own["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_in_the_delivery_regime_a_front_point_is_what_a_run_at_that_budget_delivers(tiny_config, tmp_path):
+    """Training does not depend on the budget, so one run's delivery at T_max 0.3 s is the 0.3 s run's own."""
+    base = {"allocator": "uniform", "train.steps": 6, "train.eval_every": 6, "channel.bits": [4, 8, 32],
+            "channel.delivery_snr_db": 5.0}
+    wide = run(merge(tiny_config, base | {"train.deliver_t_max_s": [0.3]}), tmp_path / "wide")
+    tight = run(merge(tiny_config, base | {"channel.t_max_s": 0.3}), tmp_path / "tight")
+    point = wide["budget_front"][0]
+    assert point["ranks"] == tight["ranks"] and point["precisions"] == tight["precisions"]
+    assert point["test_accuracy"] == tight["test_accuracy"] and point["on_air_bits"] == tight["on_air_bits"]
+    assert wide["on_air_bits"] > tight["on_air_bits"]  # the two budgets do differ

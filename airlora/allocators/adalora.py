@@ -186,8 +186,8 @@ class AdaLoraAllocator(Allocator):
             keys = self.sensitivity.keys
             ranks = {keys[name.removesuffix(f".lora_E.{ADAPTER}")]: int(sum(mask))
                      for name, mask in self.rank_pattern.items()}
-        if len(ctx.budget.allowed_bits) == 1:
-            return ranks
+        if len(ctx.budget.allowed_bits) == 1 or self.precision not in ctx.budget.allowed_bits:
+            return ranks  # a delivery at another precision set (train.deliver_t_max_s): at its highest
         return ranks, dict.fromkeys(ctx.budget.keys, self.precision)
 
     def training_ranks(self, ctx: AllocationContext) -> RankMap:

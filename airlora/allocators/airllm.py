@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from airlora.allocators.base import AllocationContext, Allocator, Decision, StepOutcome
+from airlora.budget import Budget
 from airlora.config import RunConfig
 from airlora.policy.hierarchical import Geometry, RankPolicy, load_policy_file
 from airlora.policy.precision import PrecisionChoice
@@ -33,6 +34,16 @@ from airlora.state import state_of
 
 POLICY_FILE = "policy.pt"
 METRICS_FILE = "policy_metrics.csv"
+
+
+def geometry(budget: Budget, bits: int) -> Geometry:
+    """The budget as the rank policy prices it when the ranks are asked at ``bits``: those bits per unit rank while
+    they fit, the budget filled at lower precisions while they fit at the lowest allowed (the projection lowers
+    precision before any rank), then cut."""
+    unit = budget.unit_bits  # (M, K) exact on-air bits per unit rank at each allowed precision, ascending
+    level = budget.allowed_bits.index(bits)
+    return Geometry(torch.tensor(unit[:, level], dtype=torch.float32), float(budget.reserved_bits), budget.t_max_s,
+                    budget.r_max, torch.tensor(unit[:, 0], dtype=torch.float32) if level > 0 else None)
 
 
 class AirLLMAllocator(Allocator):
@@ -49,22 +60,13 @@ class AirLLMAllocator(Allocator):
         self.decision_s: list[float] = []
         self.delivery = config.train.regime == "delivery"
         self.probe_reward = self.delivery  # learns from the paired probe-set reward of its candidate deliveries
-        self.precision = PrecisionChoice(len(config.channel.bits))
-        self.geometries: list[Geometry] = []
-        """The ranks priced at each allowed precision (ascending), the last the policy's own."""
+        self.precision = PrecisionChoice(config.channel.bits)
 
     def _build(self, ctx: AllocationContext) -> None:
         budget = ctx.budget
         self.keys = list(budget.keys)
-        unit = budget.unit_bits  # (M, K) exact on-air bits per unit rank at each allowed precision, ascending
-        # at level k: k's bits while the ranks fit there, the budget filled at lower precisions while they fit at the
-        # lowest (the projection's order), then cut
-        self.geometries = [Geometry(torch.tensor(unit[:, k], dtype=torch.float32), float(budget.reserved_bits),
-                                    budget.t_max_s, budget.r_max,
-                                    torch.tensor(unit[:, 0], dtype=torch.float32) if k > 0 else None)
-                           for k in range(unit.shape[1])]
-        self.policy = RankPolicy(self.keys, self.geometries[-1], self.config.policy, self.config.train.reward_lambda,
-                                 self.seed)
+        self.policy = RankPolicy(self.keys, geometry(budget, budget.allowed_bits[-1]), self.config.policy,
+                                 self.config.train.reward_lambda, self.seed)
         if self.config.policy.load_path:
             path = Path(self.config.policy.load_path)
             self.policy.load_policy(load_policy_file(path), f"--policy {str(path)!r}")
@@ -96,11 +98,10 @@ class AirLLMAllocator(Allocator):
         if not self.delivery:
             ranks, record = self.policy.act(state, capacity, explore=explore)
             return dict(zip(self.keys, ranks, strict=True)), record
-        level = self.precision.choose(ctx.snr_db, explore)
-        with self.policy.priced_at(self.geometries[level]):
+        bits = self.precision.choose(ctx.snr_db, explore, ctx.budget.allowed_bits)
+        with self.policy.priced_at(geometry(ctx.budget, bits)):
             ranks, record = self.policy.act(state, capacity, explore=explore)
-        record |= {"snr_db": ctx.snr_db, "level": level}
-        bits = ctx.budget.allowed_bits[level]
+        record |= {"snr_db": ctx.snr_db, "bits": bits}
         return (dict(zip(self.keys, ranks, strict=True)), dict.fromkeys(self.keys, bits)), record
 
     def observe(self, outcome: StepOutcome) -> None:
@@ -108,9 +109,9 @@ class AirLLMAllocator(Allocator):
             return
         decision, self.pending = self.pending, None
         t0 = time.perf_counter()
-        if "level" in decision:
-            level = decision.pop("level")
-            self.precision.update(decision.pop("snr_db"), level, outcome.reward)
+        if "bits" in decision:
+            bits = decision.pop("bits")
+            self.precision.update(decision.pop("snr_db"), bits, outcome.reward)
         with single_thread():
             row = self.policy.record(decision, [outcome.ranks[k] for k in self.keys], outcome.reward, outcome.eta)
         if row is not None:

@@ -19,37 +19,39 @@ from typing import Any
 
 
 class PrecisionChoice:
-    """UCB1 over the allowed precisions (level indices 0..K−1, ascending bits), one bandit per delivery SNR."""
+    """UCB1 over the allowed precisions (``channel.bits``), one bandit per delivery SNR."""
 
-    def __init__(self, levels: int) -> None:
-        self.levels = levels
-        self.counts: dict[float, list[int]] = {}
-        self.sums: dict[float, list[float]] = {}
+    def __init__(self, bits: tuple[int, ...]) -> None:
+        self.bits = tuple(sorted(bits))
+        self.counts: dict[float, dict[int, int]] = {}
+        self.sums: dict[float, dict[int, float]] = {}
         self.squares = self.total = 0.0
         self.seen = 0
 
-    def choose(self, snr_db: float, explore: bool) -> int:
-        """The level to send at over this channel: while exploring, each untried level once (highest first), then
-        the highest upper confidence bound; at delivery, the best mean (of the nearest SNR tried; else the highest)."""
+    def choose(self, snr_db: float, explore: bool, allowed: tuple[int, ...] | None = None) -> int:
+        """The bits to send at over this channel, among ``allowed`` (default all): while exploring, each untried
+        precision once (highest first), then the highest upper confidence bound; at delivery, the best mean (of the
+        nearest SNR tried; else the highest allowed)."""
+        arms = sorted(set(allowed or self.bits) & set(self.bits)) or [max(allowed or self.bits)]
         if not explore:
-            tried = [s for s in self.counts if any(self.counts[s])]
+            tried = [s for s, c in self.counts.items() if any(c.get(b, 0) for b in arms)]
             if not tried:
-                return self.levels - 1
+                return arms[-1]
             nearest = min(tried, key=lambda s: (abs(s - snr_db), s))
-            return max(self._tried(nearest), key=lambda k: (self._mean(nearest, k), k))
-        counts = self.counts.setdefault(snr_db, [0] * self.levels)
-        self.sums.setdefault(snr_db, [0.0] * self.levels)
-        untried = [k for k in range(self.levels) if counts[k] == 0]
+            return max((b for b in arms if self.counts[nearest].get(b, 0)), key=lambda b: (self._mean(nearest, b), b))
+        counts = self.counts.setdefault(snr_db, {})
+        untried = [b for b in arms if counts.get(b, 0) == 0]
         if untried:
             return max(untried)
-        n = sum(counts)
-        return max(range(self.levels),
-                   key=lambda k: (self._mean(snr_db, k) + self.scale() * math.sqrt(2 * math.log(n) / counts[k]), k))
+        n = sum(counts[b] for b in arms)
+        return max(arms, key=lambda b: (self._mean(snr_db, b) + self.scale() * math.sqrt(2 * math.log(n) / counts[b]),
+                                        b))
 
-    def update(self, snr_db: float, level: int, reward: float) -> None:
-        """Record the reward of a decision sent at ``level`` over the channel at ``snr_db``."""
-        self.counts.setdefault(snr_db, [0] * self.levels)[level] += 1
-        self.sums.setdefault(snr_db, [0.0] * self.levels)[level] += reward
+    def update(self, snr_db: float, bits: int, reward: float) -> None:
+        """Record the reward of a decision sent at ``bits`` over the channel at ``snr_db``."""
+        counts, sums = self.counts.setdefault(snr_db, {}), self.sums.setdefault(snr_db, {})
+        counts[bits] = counts.get(bits, 0) + 1
+        sums[bits] = sums.get(bits, 0.0) + reward
         self.total += reward
         self.squares += reward * reward
         self.seen += 1
@@ -61,21 +63,19 @@ class PrecisionChoice:
         mean = self.total / self.seen
         return math.sqrt(max(self.squares / self.seen - mean * mean, 1e-12))
 
-    def _tried(self, snr_db: float) -> list[int]:
-        return [k for k in range(self.levels) if self.counts[snr_db][k]]
-
-    def _mean(self, snr_db: float, level: int) -> float:
-        return self.sums[snr_db][level] / max(self.counts[snr_db][level], 1)
+    def _mean(self, snr_db: float, bits: int) -> float:
+        return self.sums[snr_db][bits] / max(self.counts[snr_db][bits], 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values (for checkpoints)."""
-        return {"levels": self.levels, "counts": {str(s): c for s, c in self.counts.items()},
-                "sums": {str(s): v for s, v in self.sums.items()}, "total": self.total, "squares": self.squares,
-                "seen": self.seen}
+        return {"bits": list(self.bits), "counts": {str(s): {str(b): n for b, n in c.items()}
+                                                    for s, c in self.counts.items()},
+                "sums": {str(s): {str(b): v for b, v in c.items()} for s, c in self.sums.items()},
+                "total": self.total, "squares": self.squares, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``."""
-        self.levels = state["levels"]
-        self.counts = {float(s): list(c) for s, c in state["counts"].items()}
-        self.sums = {float(s): list(v) for s, v in state["sums"].items()}
+        self.bits = tuple(state["bits"])
+        self.counts = {float(s): {int(b): n for b, n in c.items()} for s, c in state["counts"].items()}
+        self.sums = {float(s): {int(b): v for b, v in c.items()} for s, c in state["sums"].items()}
         self.total, self.squares, self.seen = state["total"], state["squares"], state["seen"]

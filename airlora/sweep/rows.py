@@ -17,7 +17,7 @@ SUMMARY_KEYS = (
     "mean_apply_s", "wall_s", "ranks", "snr_db", "model", "dataset",
 )
 NEW_SUMMARY_KEYS = ("precisions", "on_air_bits", "delivery_overhead_bytes", "capacity_bps", "t_max_s", "head_bits",
-                    "deliveries", "pretrain")
+                    "deliveries", "pretrain", "budget_front")
 """Summary keys of runs since the codecs (None in the rows of older runs, and where a run has none: deliveries with
 train.deliver_every_snr, pretrain with policy.pretrain.before_run)."""
 
