@@ -16,7 +16,8 @@ class AdaLoraSettings:
     target_bits: int | None = None
     """On-air bits of the final adapter, task head included (set by --match-bits-of); None: see design_snr_db."""
     design_snr_db: float | None = None
-    """With target_bits None, the final adapter is the largest that fits T_max at this SNR; None: the run's lowest."""
+    """With target_bits None, the final adapter is the largest that fits T_max at this SNR; None: the delivery SNR in
+    the 'delivery' regime, the run's lowest in the 'paper' regime."""
     tinit_share: float = 0.1
     """Share of train.steps trained at full rank before the first cut (PEFT's tinit)."""
     tfinal_share: float = 0.2

@@ -206,7 +206,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
                 sent = budget.project_joint(*sent)
             decision_s = time.perf_counter() - t0
             ranks = training_ranks(session, call(allocator, "training_ranks", ctx, step=step))
-            tuner.apply(ranks, None)
+            tuner.apply(ranks, sent[1])  # train.quantization_aware: fake-quantised at the candidate's precisions
         apply_s = time.perf_counter() - t0 - decision_s
 
         # 3. one training step; the allocator sees it before the gradients are dropped

@@ -11,6 +11,7 @@ budget, as for every allocator.
 Budget. AdaLoRA counts triplets; the channel counts bits (a triplet of fc1 costs 2.5 times one of q in MiniLM).
 The final adapter's size is set in bits: ``adalora.target_bits`` (``--match-bits-of``: another run's on-air bits,
 head and overhead included), or else the largest adapter that fits T_max at ``adalora.design_snr_db`` (default the
+delivery SNR in the default ``delivery`` regime, where only the delivery is constrained; in the ``paper`` regime the
 lowest SNR of the run, so AdaLoRA's own final allocation fits every step and the projection never has to cut it).
 PEFT's schedule runs in triplets, from all of them (init_bgt) to target_bgt = target adapter bits / mean triplet
 bits; each of its masks is taken at the same cubic share of the way from the full adapter to the target, in bits:
@@ -153,6 +154,17 @@ def target_bits_of(run_dir: str | Path) -> int:
     return bits
 
 
+def default_design_snr_db(config: RunConfig, seed: int) -> float:
+    """The SNR whose budget AdaLoRA's final adapter fills when ``adalora.design_snr_db`` is None: in the ``delivery``
+    regime the delivery SNR (only the delivery is constrained; as ``trainer.delivery_snr_db`` picks it), in the
+    ``paper`` regime the run's lowest SNR (so its final allocation fits every step's budget)."""
+    values = sorted(SnrSchedule(config.channel, seed).values)
+    if config.train.regime == "paper":
+        return values[0]
+    delivery = config.channel.delivery_snr_db
+    return delivery if delivery is not None else values[(len(values) - 1) // 2]
+
+
 class AdaLoraAllocator(Allocator):
     """PEFT's AdaLoRA schedule and masks; ranks = triplets kept per module (see the module docstring)."""
 
@@ -203,7 +215,7 @@ class AdaLoraAllocator(Allocator):
         else:
             design = self.settings.design_snr_db
             if design is None:
-                design = min(SnrSchedule(self.config.channel, self.seed).values)
+                design = default_design_snr_db(self.config, self.seed)
             capacity = capacity_bps(design, self.config.channel, ctx.bandwidth_hz)
             total = param_cap(1, capacity, budget.t_max_s)  # the bit cap
         room = total - budget.reserved_bits
