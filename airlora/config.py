@@ -232,8 +232,9 @@ class TrainConfig:
     quantization_aware: bool = False
     """Quantisation-aware training: the training forward sends each module's active triplets through its codec's
     round trip (fake-quantisation, straight-through gradients), so training sees the precision it will be delivered
-    at (in the 'delivery' regime: the precisions of the step's candidate delivery). Validation and test are of the delivered (round-tripped) adapter either way. The task head is not
-    fake-quantised (it goes at the highest allowed precision)."""
+    at (in the 'delivery' regime: the precisions of the step's candidate delivery). Validation and test are of the
+    delivered (round-tripped) adapter either way. The task head is not fake-quantised (it goes at the highest allowed
+    precision)."""
     report_to: str = "auto"
     """Where the run's metrics go while it runs (airlora.tracking): 'tensorboard' (event files in OUT/tensorboard,
     for ``tensorboard --logdir``), 'wandb' (an offline run in OUT/wandb unless WANDB_MODE says otherwise; needs

@@ -8,7 +8,7 @@ from typing import Any
 
 from airlora.errors import AirloraError
 from airlora.io import write_json_atomic, write_text_atomic
-from airlora.sweep import figures, front
+from airlora.sweep import figures, front, points
 from airlora.sweep.claims import claims_table, delivery_rows
 from airlora.sweep.goal import goal, goal_table
 from airlora.sweep.tables import of, table_by, table_methods, table_settings
@@ -154,6 +154,15 @@ def write_report(sweep_dir: Path, out: Path | None = None) -> Path:
             lines += [f"![Per-module rank and precision of one joint run](figures/{path.name})", "",
                       front.delivery_text(run), ""]
         write_json_atomic(out / "budget_front.json", check)
+    if any(r.get("budget_front") for r in ok):
+        _section(lines, "Where allocation can matter: accuracy against on-air bits per budget", points.goal_table(ok),
+                 points.accuracy_vs_bits(ok, figs / "accuracy_vs_bits.png"),
+                 "Every delivery of every run: its own, and its one trained adapter delivered at each budget of "
+                 "train.deliver_t_max_s (in the delivery regime training does not depend on the budget). Ceiling: the "
+                 "best mean accuracy at the task's largest budget. Headroom: ceiling minus the best baseline. The "
+                 "learned allocator is compared with that baseline, paired by seed; goal: ≥ 1 point above it, or "
+                 "not worse with ≤ 75 % of its bits, where the headroom is ≥ 1.5 points.")
+        lines += [points.front_table(ok), ""]
     _section(lines, "Accuracy vs bits on air, every setting", table_settings(ok),
              figures.pareto(ok, figs / "pareto_accuracy_vs_bits.png"),
              "Every distinct setting of the sweep, whatever its experiment; a setting's runs differ only in the seed.")
