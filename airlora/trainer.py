@@ -7,7 +7,6 @@ the adapter delivered, and its ranks, airtime and test accuracy are what the sum
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -27,6 +26,7 @@ from airlora.checkpoint import read_pointer, rng_state, save_checkpoint, set_rng
 from airlora.errors import AirloraError
 from airlora.finetuner import FineTuner, NonFiniteLoss
 from airlora.io import write_csv_atomic
+from airlora.regimes import probe_loss, training_ranks
 from airlora.session import Session
 from airlora.tracking import Tracker
 
@@ -309,38 +309,6 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     return TrainResult(loop.rows, loop.best, adapters.ranks(), len(loop.rows), stopped_early, loop.nothing_fits_steps,
                        loop.eval_s, loop.elapsed_s + time.perf_counter() - started, loop.resumed_from_step,
                        loop.precisions, loop.validations_skipped, loop.rank_rows, loop.precision_rows)
-
-
-def training_ranks(session: Session, wanted: Any) -> dict[str, int]:
-    """The 'delivery' regime's training ranks: what ``Allocator.training_ranks`` asked for, clipped to [0, r_max]
-    (no channel projection: nothing is sent while training), or every triplet when it asked for nothing."""
-    r_max, keys = session.config.adapter.r_max, session.adapters.modules
-    if wanted is None:
-        return dict.fromkeys(keys, r_max)
-    if isinstance(wanted, tuple):  # (ranks, precisions): training is at full precision, the ranks are what counts
-        wanted = wanted[0]
-    if not isinstance(wanted, dict) or set(wanted) != set(keys):
-        raise AirloraError(f"allocator {session.config.allocator!r} returned bad training ranks: expected a rank "
-                           f"mapping with exactly the keys {next(iter(keys))} … or None (every triplet)")
-    return {key: int(min(max(math.floor(wanted[key]), 0), r_max)) for key in keys}
-
-
-def probe_loss(session: Session, delivery: tuple[dict[str, int], dict[str, int]] | None) -> float:
-    """Mean task loss on the probe set with the model as ``delivery`` (ranks, precisions) would deliver it, or as it
-    is (None: the full adapter). No gradients, dropout off: two calls on the same weights are paired."""
-    model = session.model
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    with torch.inference_mode(), session.autocast(), (session.as_delivered(*delivery) if delivery is not None
-                                                      else contextlib.nullcontext()):
-        for batch in session.probe_batches:
-            batch = batch.to(session.device)
-            n = int(batch.labels.numel())
-            total += float(model(**batch.inputs, labels=batch.labels).loss) * n
-            count += n
-    model.train(was_training)
-    return total / max(count, 1.0)
 
 
 def delivery_snr_db(session: Session) -> float:

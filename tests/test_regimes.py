@@ -9,9 +9,9 @@ import torch
 
 from airlora.allocators import Allocator, names, register, unregister
 from airlora.config import merge
+from airlora.regimes import probe_loss
 from airlora.runner import run
 from airlora.session import build_session
-from airlora.trainer import probe_loss
 
 
 def read_csv(path):
