@@ -250,14 +250,14 @@ def test_sigkill_then_resume_finishes_the_same_run(tiny_files, tmp_path):
 
 
 def test_a_nan_from_a_huge_lr_resumes_with_a_lower_lr_and_finishes(tiny_config, tmp_path, monkeypatch):
-    """The NaN message's own recovery, from the CLI: lr 1e4 on the tiny model gives a NaN at step 3, before the first
+    """The NaN message's own recovery, from the CLI: lr 1e4 on the tiny model gives a NaN at step 1, before the first
     checkpoint, so the resume with a lower lr starts again from step 0 and the run finishes."""
     from airlora.cli import main
 
     out = tmp_path / "nan"
     config = merge(tiny_config, {"train.steps": 12, "train.eval_every": 4, "train.checkpoint_every": 4,
                                  "train.lr": 1e4, "train.head_lr": 1e4})
-    with pytest.raises(AirloraError, match=r"training loss became nan; lower train.lr \(now 10000.0\) at step 3; the "
+    with pytest.raises(AirloraError, match=r"training loss became nan; lower train.lr \(now 10000.0\) at step 1; the "
                                            r"run stopped. Continue it from step 0 \(no checkpoint yet\) with a lower"):
         run(config, out)
     used = recorded_lrs(monkeypatch)

@@ -23,7 +23,7 @@ def csv_rows(path):
 @pytest.fixture
 def finished_run(tiny_config, tmp_path):
     """Make a finished tiny run of an allocator at two precisions on a link where triplets fit (airllm: 2-step
-    episodes, so its policy logs a few)."""
+    episodes, so its policy logs a few), in the paper's regime, where the ranks trained at change with the step."""
 
     def make(allocator):
         overrides = {
@@ -32,6 +32,7 @@ def finished_run(tiny_config, tmp_path):
             "channel.bits": [8, 32],
             "channel.snr_db": [6.0],
             "train.report_to": "none",
+            "train.regime": "paper",
         }
         run(merge(tiny_config, overrides), tmp_path / allocator)
         return tmp_path / allocator
