@@ -238,8 +238,8 @@ def test_every_source_reads_labels_0_to_k_minus_1(tmp_path, monkeypatch, kind):
 
 
 def test_label_spellings(tmp_path):
-    path = write(tmp_path / "spelled.parquet", pd.DataFrame({"sentence": list("abcdef"),
-                                                              "label": ["0", " 1", "2.0", 2, "positive", "negative"]}))
+    path = write(tmp_path / "spelled.csv", pd.DataFrame({"sentence": list("abcdef"),
+                                                          "label": ["0", " 1", "2.0", "02", "positive", "negative"]}))
     read = load_splits(config(path, val_size=1, test_size=1), seed=0)
     everything = read.train.sentences + read.validation.sentences + read.test.sentences
     labels = np.concatenate([read.train.labels, read.validation.labels, read.test.labels])
