@@ -2,9 +2,10 @@
 
 What is sent: the payload file's tensors (the active triplets and the task head, each module at its codec, with
 scales) as they are, and its safetensors header, ``adapter_config.json`` and ``delivery.json`` (the manifest: ranks,
-precisions, checksums) as one zlib stream (level 9). On-air bytes = tensor bytes + that stream's length. The sender's
-record (``delivery_record.json``: accounting, the channel, the cloud model's logits and accuracy for the edge's
-checks) stays with the sender and is not counted: a device in the field needs none of it.
+precisions, checksums, and the number of classes where it is not two) as one zlib stream (level 9). On-air bytes =
+tensor bytes + that stream's length. The sender's record (``delivery_record.json``: accounting, the channel, the
+cloud model's logits and accuracy for the edge's checks) stays with the sender and is not counted: a device in the
+field needs none of it.
 
 The budget cannot measure a delivery before it exists, so it reserves ``overhead_bound_bytes``: the compressed
 overhead of template deliveries for the model (every module at r_max at each allowed codec, and seeded random mixes
@@ -154,10 +155,15 @@ def json_bytes(data: dict[str, Any]) -> bytes:
 
 
 def manifest(payload: str, sha256: dict[str, str], ranks: dict[str, int], precisions: dict[str, int],
-             head_bits: int, model_dir: str) -> dict[str, Any]:
-    """delivery.json: what the device needs besides the payload and its config (sent, so counted)."""
-    return {"format": MANIFEST_FORMAT, "payload_file": payload, "sha256": sha256, "ranks": ranks,
+             head_bits: int, model_dir: str, num_labels: int = 2) -> dict[str, Any]:
+    """delivery.json: what the device needs besides the payload and its config (sent, so counted).
+
+    ``num_labels``: the classes the head outputs, which the device builds the base model's head with; sent only where
+    it is not 2, so a binary delivery (every delivery before multi-class tasks) keeps its bytes on the air.
+    """
+    sent = {"format": MANIFEST_FORMAT, "payload_file": payload, "sha256": sha256, "ranks": ranks,
             "precisions": precisions, "head_bits": head_bits, "model_dir": model_dir}
+    return sent if num_labels == 2 else sent | {"num_labels": num_labels}
 
 
 def overhead_on_air_bytes(header: bytes, config: bytes, manifest_bytes: bytes) -> int:
@@ -175,7 +181,7 @@ def header_bytes_of(path: Path) -> bytes:
 def template_overhead_bytes(module_names: dict[str, str], shapes: dict[str, tuple[int, int]],
                             head_shapes: dict[str, tuple[int, ...]], ranks: dict[str, int],
                             precisions: dict[str, int], head_bits: int, r_max: int, scaling: float, model_dir: str,
-                            total_step: int, rng: np.random.Generator) -> int:
+                            total_step: int, rng: np.random.Generator, num_labels: int = 2) -> int:
     """The on-air overhead of a delivery with these ranks and precisions, built from shapes alone (no tensors)."""
     specs, codecs = [], {}
     for key, rank in ranks.items():
@@ -192,14 +198,15 @@ def template_overhead_bytes(module_names: dict[str, str], shapes: dict[str, tupl
     config = json_bytes(adapter_config({module_names[k]: r for k, r in ranks.items()}, r_max, scaling, model_dir,
                                        list(head_shapes), total_step))
     fake = {payload_file(codecs): rng.bytes(32).hex(), CONFIG_FILE: rng.bytes(32).hex()}
-    sent = json_bytes(manifest(payload_file(codecs), fake, ranks, precisions, head_bits, model_dir))
+    sent = json_bytes(manifest(payload_file(codecs), fake, ranks, precisions, head_bits, model_dir, num_labels))
     return overhead_on_air_bytes(header, config, sent)
 
 
 def overhead_bound_bytes(module_names: dict[str, str], shapes: dict[str, tuple[int, int]],
                          head_shapes: dict[str, tuple[int, ...]], allowed_bits: tuple[int, ...], r_max: int,
-                         scaling: float, model_dir: str, total_step: int) -> int:
-    """The bytes the budget reserves for a delivery's header, config and manifest (see the module docstring)."""
+                         scaling: float, model_dir: str, total_step: int, num_labels: int = 2) -> int:
+    """The bytes the budget reserves for a delivery's header, config and manifest (see the module docstring);
+    ``head_shapes`` and ``num_labels`` are the head's for the task's number of classes."""
     rng = np.random.default_rng(0)
     keys = list(module_names)
     head_bits = max(allowed_bits)
@@ -208,6 +215,6 @@ def overhead_bound_bytes(module_names: dict[str, str], shapes: dict[str, tuple[i
         cases.append((dict(zip(keys, map(int, rng.integers(1, r_max + 1, len(keys))), strict=True)),
                       dict(zip(keys, map(int, rng.choice(allowed_bits, len(keys))), strict=True))))
     worst = max(template_overhead_bytes(module_names, shapes, head_shapes, ranks, precisions, head_bits, r_max,
-                                        scaling, model_dir, total_step, rng) for ranks, precisions in cases)
+                                        scaling, model_dir, total_step, rng, num_labels) for ranks, precisions in cases)
     factor, extra = OVERHEAD_MARGIN
     return math.ceil(factor * worst) + extra

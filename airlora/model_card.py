@@ -93,12 +93,14 @@ def model_card(
     front.append("---")
 
     float_payload = sent["payload_file"] == PEFT_PAYLOAD
+    num_labels = sent.get("num_labels", 2)
+    task = "binary" if num_labels == 2 else f"{num_labels}-class"
     load = [
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForSequenceClassification",
         "",
-        f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels=2)',
+        f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={num_labels})',
         'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
         "```",
     ]
@@ -135,7 +137,7 @@ def model_card(
         "## Base model, task and data",
         "",
         f"- base model: `{base}` (trained from the folder `{model_dir}`)",
-        "- task: binary sentence classification (PEFT task type SEQ_CLS; the head travels in `modules_to_save`)",
+        f"- task: {task} sentence classification (PEFT task type SEQ_CLS; the head travels in `modules_to_save`)",
         f"- data: {s['dataset']} (`data.source` {source!r}), {sizes}",
         f"- training: {s['steps']} steps, seed {s['seed']}, λ = {s['reward_lambda']:g}, delivered checkpoint of "
         f"step {s['best_step']}",

