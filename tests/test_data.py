@@ -238,12 +238,14 @@ def test_every_source_reads_labels_0_to_k_minus_1(tmp_path, monkeypatch, kind):
 
 
 def test_label_spellings(tmp_path):
-    path = write(tmp_path / "spelled.csv", pd.DataFrame({"sentence": list("abcdef"),
-                                                          "label": ["0", " 1", "2.0", "02", "positive", "negative"]}))
+    spellings = {"0": 0, " 1": 1, "2.0": 2, "02": 2, "positive": 1, "negative": 0}
+    rows = [(f"{text}{copy}", text) for copy in range(4) for text in spellings]  # 4 of each: a hold-out keeps classes
+    path = write(tmp_path / "spelled.csv", pd.DataFrame({"sentence": [s for s, _ in rows],
+                                                          "label": [label for _, label in rows]}))
     read = load_splits(config(path, val_size=1, test_size=1), seed=0)
     everything = read.train.sentences + read.validation.sentences + read.test.sentences
     labels = np.concatenate([read.train.labels, read.validation.labels, read.test.labels])
-    assert dict(zip(everything, labels.tolist(), strict=True)) == {"a": 0, "b": 1, "c": 2, "d": 2, "e": 1, "f": 0}
+    assert dict(zip(everything, labels.tolist(), strict=True)) == {s: spellings[label] for s, label in rows}
 
 
 @pytest.mark.parametrize(("labels", "message"), [
@@ -371,7 +373,8 @@ def write(path: Path, content: bytes | pd.DataFrame) -> Path:
     ("labels.csv", b"sentence,label\na,0\nb,1\nc,-2\nd,maybe\ne,true\n",
      "column 'label' has 3 value.*'-2', 'maybe', 'true'.*allowed: integers 0..K-1"),
     ("latin1.csv", b"sentence,label\ncaf\xe9,1\n", "byte 18 \\(0xe9\\) is not valid UTF-8; re-save the file as UTF-8"),
-    ("small.csv", b"sentence,label\n" + b"x,1\n" * 7, "7 labelled rows to train on are too few.*data.test_size = 4"),
+    ("small.csv", b"sentence,label\n" + b"x,1\nx,0\n" * 3 + b"x,1\n",
+     "7 labelled rows to train on are too few.*data.test_size = 4"),
     ("notes.txt", b"sentence,label\n", "unsupported file type '.txt'"),
     ("broken.parquet", b"PAR1 not really parquet", "not a readable parquet file"),
     ("partial.parquet", pd.DataFrame({"sentence": ["a", "b"], "label": [1, -1]}), "column 'label'.*-1"),
