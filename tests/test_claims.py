@@ -80,8 +80,8 @@ def test_every_snr_delivered_from_one_run_is_compared_per_snr():
     (0.89, "2.00 ± 2.48 (n=3) pp", "inconclusive at this scale"),
     # 2, 3, 4 pp: the same half-width, and the interval [0.52, 5.48] excludes 0
     (0.88, "3.00 ± 2.48 (n=3) pp", "holds"),
-    # −3, −2, −1 pp: the interval lies below 0
-    (0.93, "-2.00 ± 2.48 (n=3) pp", "does not hold"),
+    # −4, −3, −2 pp: the interval [−5.48, −0.52] lies below 0
+    (0.94, "-3.00 ± 2.48 (n=3) pp", "does not hold"),
 ])
 def test_a_claim_s_interval_and_verdict_worked_by_hand(adalora, cell, verdict):
     rows = [row("ppo+ddim-mlp", s, 0.90 + 0.01 * s, {"a": 2, "b": 1}, 100) for s in range(3)]
