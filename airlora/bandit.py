@@ -4,7 +4,7 @@ Letters: M modules (6L), R = r_max, K SNR values of the channel.
 
 Loss U(r) = u0 + Σ_m (gain_m(R) − gain_m(r_m)) + σ·ε with a concave, increasing gain table gain (M, R + 1),
 reward R = −U − λ·η(r) on the *executed* ranks (the proposal projected onto the real ``Budget`` of the step's
-SNR, as the trainer does). The paper's known-optimum problem (DESIGN.md) is gain_m(r) = w_m·(1 − exp(−r/τ)):
+SNR, as the trainer does). The known-optimum problem (docs/policy.md) is gain_m(r) = w_m·(1 − exp(−r/τ)):
 then U = u0 + Σ w_m·exp(−r_m/τ) + σ·ε. A surrogate calibrated from a real model (``airlora.surrogate``) is the
 same class with a measured table. Because U and η are sums over modules, the best feasible rank vector of each
 SNR is a knapsack, solved exactly by dynamic programming (``optimum``).
@@ -233,7 +233,7 @@ def share_of_gap(bandit: RankBandit, per_snr: dict[float, float]) -> float:
 
 def paper_bandit(config: RunConfig, noise_std: float, tau: float = 2.0, total_weight: float = 0.5,
                  weights_seed: int = 0, u0: float = 0.3) -> RankBandit:
-    """The known-optimum bandit of DESIGN.md on ``config``'s model, channel and λ (shapes read without weights).
+    """The known-optimum bandit (docs/policy.md) on ``config``'s model, channel and λ (shapes read without weights).
 
     U = u0 + Σ_m w_m·exp(−r_m/τ) + σ·ε with uneven importances w = total_weight·x/Σx, x ~ LogNormal(0, 1) drawn
     with ``weights_seed``; the budgets are the run's own (bits, T_max, fading, bandwidth, head reserved).

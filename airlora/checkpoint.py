@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from airlora.errors import AirloraError
-from airlora.io import write_json_atomic
+from airlora.io import atomic_path, write_json_atomic
 
 POINTER = "checkpoint.json"
 
@@ -56,9 +56,8 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(out: Path, step: int, payload: dict[str, Any]) -> Path:
     """Write the state after ``step`` steps; the previous checkpoint goes once the pointer names this one."""
     name = f"checkpoint-{step}.pt"
-    tmp = out / f".{name}.tmp"
-    torch.save(payload, tmp)
-    tmp.replace(out / name)
+    with atomic_path(out / name) as tmp:
+        torch.save(payload, tmp)
     old = read_pointer(out)
     write_json_atomic(out / POINTER, {"file": name, "step": step, "sha256": _sha256(out / name)})
     if old is not None and old["file"] != name:

@@ -1,4 +1,4 @@
-"""Command line: ``airlora run``, ``channel``, ``export``, ``edge``, ``sweep`` and ``report``.
+"""Command line: ``airlora run``, ``pretrain-policy``, ``channel``, ``export``, ``edge``, ``sweep`` and ``report``.
 
 User errors print one line ``airlora: error: …`` and exit with status 2; ``--debug`` shows the traceback.
 """

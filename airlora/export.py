@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from airlora.bundle import CONFIG_FILE, MANIFEST_FILE, PEFT_PARTS, PEFT_PAYLOAD,
 from airlora.codecs import CODECS, common_bits
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
-from airlora.io import write_json_atomic, write_text_atomic
+from airlora.io import atomic_path, write_json_atomic, write_text_atomic
 from airlora.model_card import CARD_FILE, model_card
 from airlora.ranks import validate_ranks
 
@@ -303,9 +302,8 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
     for stale in written:
         (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
     try:
-        tmp = out / f".{payload_file}.tmp"
-        save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
-        os.replace(tmp, out / payload_file)
+        with atomic_path(out / payload_file) as tmp:
+            save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
         write_json_bytes(out / CONFIG_FILE, bundle.json_bytes(run.adapter_config()))
         sums = {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
         sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir, run.num_labels)
@@ -314,7 +312,7 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
         write_json_atomic(out / RECORD_FILE, record)
         write_text_atomic(out / CARD_FILE, model_card(run.config, run.summary, run.model_dir, sent, record, command))
     except BaseException:
-        for name in (*written, f".{payload_file}.tmp"):
+        for name in written:  # (a temporary file removes itself)
             (out / name).unlink(missing_ok=True)
         if created and not any(out.iterdir()):
             out.rmdir()

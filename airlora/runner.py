@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -20,7 +19,7 @@ from airlora.config import RunConfig, flatten, from_dict
 from airlora.data import split_statistics
 from airlora.deliveries import budget_front, per_snr_deliveries
 from airlora.errors import AirloraError
-from airlora.io import write_json_atomic
+from airlora.io import atomic_path, write_json_atomic
 from airlora.loader import Loader
 from airlora.session import Session, build_session, resolved_config
 from airlora.surrogate import PRETRAINED_DIR, pretrain_before_run
@@ -272,9 +271,8 @@ def write_adapter(session: Session, path: Path, precisions: dict[str, int] | Non
         "num_labels": str(session.splits.num_labels),
         "architecture_family": session.module_map.family,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def summarise(session: Session, result: TrainResult, test_accuracy: float, wall_s: float) -> dict[str, Any]:

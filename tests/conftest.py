@@ -1,12 +1,23 @@
-"""Shared fixtures: a tiny saved BERT checkpoint and a small labelled CSV, for end-to-end runs."""
+"""Shared fixtures: a tiny saved BERT and a small labelled CSV, the config of a run on them, finished runs made once
+per session, a run that dies at a given step, and the small policy networks of a quick airllm run."""
 
 import csv
+import json
+import time
+from unittest import mock
 
 import pytest
+import torch
+from hypothesis import settings
 
-from airlora.config import RunConfig, from_dict
+from airlora.config import RunConfig, from_dict, merge
 from airlora.policy.threads import single_thread
 from tests.tiny_models import save_tiny_bert
+
+# Hypothesis would keep its example database in .hypothesis/ of the working folder; a test writes only under its tmp
+# dirs (a failing example is still printed in full, with its arguments).
+settings.register_profile("airlora", database=None)
+settings.load_profile("airlora")
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +46,7 @@ def one_thread():
         yield
 
 
-@pytest.fixture
-def tiny_config(tiny_files):
-    """A RunConfig for the tiny model and data: a binding budget, few steps, no progress bar.
-
-    50 kHz: at -5 dB (~18 kbit/s) the head and the delivery's reserved overhead (~15 kbit for the tiny BERT) fit and
-    no triplet does; at 5 dB (~86 kbit/s) about rank 2 of 4 at fp32."""
+def _tiny_config(tiny_files) -> RunConfig:
     model, data, _ = tiny_files
     return from_dict(RunConfig, {
         "model": str(model),
@@ -49,3 +55,77 @@ def tiny_config(tiny_files):
         "adapter": {"r_max": 4},
         "train": {"steps": 6, "eval_every": 3, "warmup_steps": 0, "threads": 1, "progress": False},
     })
+
+
+@pytest.fixture
+def tiny_config(tiny_files):
+    """A RunConfig for the tiny model and data: a binding budget, few steps, no progress bar.
+
+    50 kHz: at -5 dB (~18 kbit/s) the head and the delivery's reserved overhead (~15 kbit for the tiny BERT) fit and
+    no triplet does; at 5 dB (~86 kbit/s) about rank 2 of 4 at fp32."""
+    return _tiny_config(tiny_files)
+
+
+GENEROUS_RANDOM_RUN = {"allocator": "random", "train.steps": 6, "train.eval_every": 6, "channel.bandwidth_hz": 1e6,
+                       "channel.snr_db": [20.0], "train.lr": 5e-2}
+"""A `random` run on a link where every rank fits, so its ranks differ per module and its adapter moves the logits."""
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_files):
+    """``finished_run(overrides=None)``: the folder of a finished in-process run of ``tiny_config`` merged with
+    ``overrides`` (default: ``GENEROUS_RANDOM_RUN``), made once per session and shared: copy it before changing it."""
+    from airlora.runner import run
+
+    made = {}
+
+    def make(overrides: dict | None = None):
+        overrides = GENEROUS_RANDOM_RUN if overrides is None else overrides
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in made:
+            out = tmp_path_factory.mktemp("finished-run") / "run"
+            threads = torch.get_num_threads()
+            try:
+                run(merge(_tiny_config(tiny_files), overrides), out)
+            finally:
+                torch.set_num_threads(threads)  # the run set it from its config; later tests expect the default
+            made[key] = out
+        return made[key]
+
+    return make
+
+
+@pytest.fixture
+def crash_run():
+    """``crash_run(config, out, at_call, step_delay_s=0)``: run ``config`` in ``out`` until the ``at_call``-th call
+    of ``FineTuner.step`` raises KeyboardInterrupt, as if the process died there (checkpoints written before it stay
+    on disk); each earlier step first sleeps ``step_delay_s``. The real step is back once it returns."""
+    from airlora.finetuner import FineTuner
+    from airlora.runner import run
+
+    real_step = FineTuner.step
+
+    def crash(config, out, at_call: int, step_delay_s: float = 0.0) -> None:
+        calls = 0
+
+        def dying_step(self, batch):
+            nonlocal calls
+            calls += 1
+            if calls == at_call:
+                raise KeyboardInterrupt
+            if step_delay_s:
+                time.sleep(step_delay_s)
+            return real_step(self, batch)
+
+        with mock.patch.object(FineTuner, "step", dying_step), pytest.raises(KeyboardInterrupt):
+            run(config, out)
+
+    return crash
+
+
+@pytest.fixture
+def small_policy():
+    """Policy networks small enough for a tiny run (overrides; a test adds its own episode length and batch)."""
+    return {"policy.ppo.hidden": 32, "policy.diffusion.hidden": 32, "policy.diffusion.time_embed_dim": 16,
+            "policy.diffusion.train_timesteps": 100, "policy.diffusion.inference_steps": 10,
+            "policy.diffusion.unet_channels": 8}

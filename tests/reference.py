@@ -10,6 +10,7 @@ triplet's Q row and P column (a head tensor: of each row), s = the smallest bflo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,55 @@ def quantised(x: torch.Tensor, bits: int, part: str | None = None) -> torch.Tens
         return torch.from_numpy(quantised_rows(x.numpy().T, bits).T.copy())
     rows = x.numpy().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.numpy().reshape(1, -1)
     return torch.from_numpy(quantised_rows(rows, bits).reshape(x.shape))
+
+
+def wire_bits(bits: int, d_in: int, d_out: int) -> int:
+    """Bits per unit rank from the wire format, written out: floats cast (λ too); integer codes with a bf16 scale per
+    64 values of each Q row and P column (int4 two per byte), λ in fp32."""
+    if bits in (32, 16):
+        return bits * (d_in + d_out + 1)
+    return integer_row_bits(d_in, bits) + integer_row_bits(d_out, bits) + 32
+
+
+def integer_row_bits(d: int, bits: int) -> int:
+    """One row of d integer codes: whole bytes of codes and one bf16 scale per 64 values."""
+    return 8 * math.ceil(d * bits / 8) + 16 * math.ceil(d / 64)
+
+
+def head_tensor_bits(shape: tuple[int, ...], bits: int) -> int:
+    """A head tensor at ``bits``: floats cast; integer codes row by row along the last dimension (a bias: one row)."""
+    if bits in (32, 16):
+        return math.prod(shape) * bits
+    return math.prod(shape[:-1]) * integer_row_bits(shape[-1], bits)
+
+
+def delivered_on_air_bits(run_dir: Path) -> int:
+    """What a finished run's delivery puts on the air, counted from its adapter file with the wire format above:
+    each module's rank × bits per unit rank at its precision, the head at its bits, and the delivery's header,
+    config and manifest (the summary's ``delivery_overhead_bytes``, measured by the run on a real export)."""
+    tensors, meta = run_adapter(run_dir)
+    ranks, precisions, head_bits = json.loads(meta["ranks"]), json.loads(meta["precisions"]), int(meta["head_bits"])
+    modules = sum(rank * wire_bits(precisions[key], tensors[f"{key}.lora_A"].shape[1],
+                                   tensors[f"{key}.lora_B"].shape[0]) for key, rank in ranks.items() if rank)
+    head = sum(head_tensor_bits(tuple(t.shape), head_bits) for name, t in tensors.items() if name.startswith("head."))
+    overhead = json.loads((run_dir / "summary.json").read_text())["delivery_overhead_bytes"]
+    return modules + head + 8 * overhead
+
+
+def assert_delivery_fits(run_dir: Path) -> None:
+    """The run's delivery, counted from its files, is the size its summary states and fits T_max at its capacity
+    (divided here: neither the run's ``budget_ok`` nor its ``airtime_s`` is trusted)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    bits = delivered_on_air_bits(run_dir)
+    assert bits == summary["on_air_bits"]
+    assert bits / summary["capacity_bps"] <= summary["t_max_s"] * (1 + 1e-12)
+
+
+def assert_every_step_fits(rows: list[dict[str, str]], t_max_s: float) -> None:
+    """Every step's bits (metrics.csv: ``transmitted_bits``, delivery overhead included) over its capacity fit T_max
+    (divided here, not the trainer's ``budget_ok``)."""
+    for row in rows:
+        assert int(row["transmitted_bits"]) / float(row["capacity_bps"]) <= t_max_s * (1 + 1e-12), row
 
 
 def run_adapter(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

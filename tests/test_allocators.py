@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from airlora.allocators import AllocationContext, make_allocator, names
+from airlora.allocators import AllocationContext, make_allocator
 from airlora.channel import Budget
 from airlora.config import RunConfig
 from airlora.ranks import MODULES
@@ -43,7 +43,3 @@ def test_random_after_projection_is_feasible():
     ctx = _ctx(5e4)
     for _ in range(20):
         assert ctx.budget.feasible(ctx.budget.project(allocator.allocate(ctx)))
-
-
-def test_registry_lists_the_baselines():
-    assert {"uniform", "random"} <= set(names())

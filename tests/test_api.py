@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 
@@ -19,6 +20,7 @@ def test_import_airlora_loads_no_heavy_package():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_a_run_from_python_returns_the_summary_it_wrote(tiny_config, tmp_path):
     import importlib.util
     import pkgutil

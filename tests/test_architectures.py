@@ -22,6 +22,8 @@ from airlora.models import resolve_modules
 from tests import reference
 from tests.tiny_models import save_tiny
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 FAMILIES = ("bert", "opt", "llama")
 TOLERANCE = {32: 1e-4, 16: 2e-2, 8: 1e-1, 4: 1.0, "mixed": 1.0}
 """Largest |delivered − fp32 cloud| logit difference allowed, relative to the largest cloud logit (the codec's own

@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from airlora.channel import SnrSchedule
 from airlora.cli import main
-from airlora.config import ChannelConfig, load_config, merge
+from airlora.config import ChannelConfig, load_config
 from airlora.errors import AirloraError
 from airlora.ranks import parse_key, validate_ranks
 
@@ -56,33 +55,23 @@ def tokenizer_files(model, folder):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_files):
-    """A short `random` run on the tiny model and its 32-bit export: (run folder, delivery folder)."""
+def delivery(finished_run, tmp_path_factory):
+    """The 32-bit export of the shared finished `random` run (shared: copy it before changing it)."""
     from airlora.export import export_adapter
-    from airlora.runner import run
 
-    root = tmp_path_factory.mktemp("bad-input")
-    model, data, config_file = tiny_files
-    config = merge(load_config(config_file), {
-        "model": str(model), "data.source": str(data), "allocator": "random", "adapter.r_max": 4,
-        "train.steps": 2, "train.eval_every": 2, "channel.bandwidth_hz": 1e6, "channel.snr_db": [20.0]})
-    threads = torch.get_num_threads()
-    run(config, root / "run")
-    torch.set_num_threads(threads)  # the run set it from its config
-    export_adapter(root / "run", 32, root / "delivery")
-    return root / "run", root / "delivery"
+    out = tmp_path_factory.mktemp("bad-input") / "delivery"
+    export_adapter(finished_run(), 32, out)
+    return out
 
 
 @pytest.fixture
 def run_copy(finished_run, tmp_path):
-    shutil.copytree(finished_run[0], tmp_path / "run")
-    return tmp_path / "run"
+    return shutil.copytree(finished_run(), tmp_path / "run")
 
 
 @pytest.fixture
-def delivery_copy(finished_run, tmp_path):
-    shutil.copytree(finished_run[1], tmp_path / "delivery")
-    return tmp_path / "delivery"
+def delivery_copy(delivery, tmp_path):
+    return shutil.copytree(delivery, tmp_path / "delivery")
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -199,6 +188,7 @@ def test_debug_flag_raises_instead_of_printing(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.integration
 def test_subprocess_exit_2_without_traceback_and_debug_shows_it(tiny_files, tmp_path):
     bad = tmp_path / "labels.csv"
     bad.write_text("sentence,label\ngood,1\nbad,maybe\n")
@@ -218,6 +208,7 @@ def test_subprocess_exit_2_without_traceback_and_debug_shows_it(tiny_files, tmp_
 # ---------------------------------------------------------------------------------------------- data files
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("missing.csv", None, "missing.csv': no such file or folder; expected 'tweets'"),
     ("empty.csv", b"", "empty.csv is empty; expected a header 'sentence,label'"),
@@ -238,11 +229,13 @@ def test_run_with_a_bad_data_file_writes_no_results(tiny_files, tmp_path, capsys
     assert_no_results(out)
 
 
-def test_edge_with_a_bad_data_file(finished_run, tiny_files, tmp_path, capsys):
-    err = fails(capsys, "edge", finished_run[1], "--base", tiny_files[0], "--data", tmp_path / "gone.csv")
+@pytest.mark.integration
+def test_edge_with_a_bad_data_file(delivery, tiny_files, tmp_path, capsys):
+    err = fails(capsys, "edge", delivery, "--base", tiny_files[0], "--data", tmp_path / "gone.csv")
     assert "gone.csv': no such file or folder" in err
 
 
+@pytest.mark.integration
 def test_run_out_that_is_a_file(tiny_files, tmp_path, capsys):
     (tmp_path / "out").write_text("notes")
     err = fails(capsys, *run_args(tiny_files, tmp_path / "out"))
@@ -252,6 +245,7 @@ def test_run_out_that_is_a_file(tiny_files, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- model folders
 
 
+@pytest.mark.integration
 def test_model_folder_without_weights(tiny_files, tmp_path, capsys):
     model = tokenizer_files(tiny_files[0], tmp_path / "noweights")
     shutil.copy(tiny_files[0] / "config.json", model / "config.json")
@@ -273,6 +267,7 @@ def test_model_path_that_is_a_file(tmp_path, capsys):
     assert "is not a Hugging Face checkpoint folder (no config.json); allowed: 'minilm' or a local folder" in err
 
 
+@pytest.mark.integration
 def test_architecture_without_the_six_modules(tiny_files, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
@@ -322,6 +317,7 @@ def rewrite_adapter(run_dir, ranks=None, drop=None):
     save_file(tensors, str(path), metadata=metadata)
 
 
+@pytest.mark.integration
 def test_export_rejects_a_precision_no_codec_delivers_in_a_run(run_copy, tmp_path, capsys):
     path = run_copy / "adapter.safetensors"
     with safe_open(str(path), "pt") as handle:
@@ -334,6 +330,7 @@ def test_export_rejects_a_precision_no_codec_delivers_in_a_run(run_copy, tmp_pat
     assert not (tmp_path / "adir").exists()
 
 
+@pytest.mark.integration
 def test_export_rejects_ranks_above_r_max_in_a_run(run_copy, tmp_path, capsys):
     rewrite_adapter(run_copy, ranks={"layers.0.q": 9})
     err = fails(capsys, "export", run_copy, "--out", tmp_path / "adir")
@@ -341,6 +338,7 @@ def test_export_rejects_ranks_above_r_max_in_a_run(run_copy, tmp_path, capsys):
     assert not (tmp_path / "adir").exists()
 
 
+@pytest.mark.integration
 def test_export_rejects_unknown_rank_keys_in_a_run(run_copy, tmp_path, capsys):
     rewrite_adapter(run_copy, ranks={"layers.7.q": 1})
     err = fails(capsys, "export", run_copy, "--out", tmp_path / "adir")
@@ -360,6 +358,7 @@ def test_trace_file_with_undecodable_bytes(tmp_path):
         SnrSchedule(ChannelConfig(snr_schedule="trace", snr_trace=str(tmp_path)), seed=0)
 
 
+@pytest.mark.integration
 def test_run_with_a_bad_trace_file_writes_no_results(tiny_files, tmp_path, capsys):
     trace = tmp_path / "snr.txt"
     trace.write_text("5\nloud\n")
@@ -369,6 +368,7 @@ def test_run_with_a_bad_trace_file_writes_no_results(tiny_files, tmp_path, capsy
     assert_no_results(out)
 
 
+@pytest.mark.integration
 def test_channel_command_reads_the_trace_file(tiny_files, tmp_path, capsys):
     trace = tmp_path / "snr.txt"
     trace.write_text("5\nloud\n")
@@ -379,6 +379,7 @@ def test_channel_command_reads_the_trace_file(tiny_files, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- adapter files
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("damage", "message"), [
     ("truncate", "adapter.safetensors' is not a readable safetensors file (Error while deserializing header"),
     ("format", "adapter.safetensors' is not an airlora adapter (format 'pt'); expected 'airlora-svd-adapter/1'"),
@@ -409,6 +410,7 @@ def test_export_rejects_a_damaged_run_folder(run_copy, tmp_path, capsys, damage,
     assert not (tmp_path / "adir").exists()
 
 
+@pytest.mark.integration
 def test_export_that_fails_late_leaves_no_partial_folder(run_copy, tmp_path, capsys):
     config = json.loads((run_copy / "config.json").read_text())
     config["data"]["source"] = str(tmp_path / "moved.csv")  # the run's data is gone
@@ -418,13 +420,15 @@ def test_export_that_fails_late_leaves_no_partial_folder(run_copy, tmp_path, cap
     assert not (tmp_path / "adir").exists()
 
 
+@pytest.mark.integration
 def test_export_out_that_is_a_file(finished_run, tmp_path, capsys):
     (tmp_path / "adir").write_text("notes")
-    err = fails(capsys, "export", finished_run[0], "--out", tmp_path / "adir")
+    err = fails(capsys, "export", finished_run(), "--out", tmp_path / "adir")
     assert "--out" in err and "is a file; expected a folder (new or empty) for the export" in err
     assert (tmp_path / "adir").read_text() == "notes"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("damage", "message"), [
     ("truncate", "checksum mismatch for adapter_model.safetensors"),
     ("config", "checksum mismatch for adapter_config.json"),
@@ -456,7 +460,8 @@ def test_edge_rejects_a_damaged_delivery(delivery_copy, tiny_files, capsys, dama
     assert message in err
 
 
-def test_edge_rejects_a_base_model_of_another_size(finished_run, tiny_files, tmp_path, capsys):
+@pytest.mark.integration
+def test_edge_rejects_a_base_model_of_another_size(delivery, tiny_files, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from tests.tiny_models import tiny_config
@@ -465,7 +470,7 @@ def test_edge_rejects_a_base_model_of_another_size(finished_run, tiny_files, tmp
     config = tiny_config("bert")
     config.vocab_size, config.hidden_size, config.intermediate_size = 45, 16, 24
     AutoModelForSequenceClassification.from_config(config).save_pretrained(other)
-    err = fails(capsys, "edge", finished_run[1], "--base", other)
+    err = fails(capsys, "edge", delivery, "--base", other)
     assert f"the delivery was built for another base model ({tiny_files[0]}): --base '{other}' has " in err
     assert "as a 16 -> 16 linear layer, which lora_A of shape" in err
     assert "give the base model the run was trained on" in err

@@ -92,6 +92,7 @@ def tiny_front(tmp_path_factory, tiny_files):
     return out, rows
 
 
+@pytest.mark.integration
 def test_posthoc_exports_are_measured_once_and_the_joint_edge_is_the_run(tiny_front):
     out, rows = tiny_front
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
@@ -109,6 +110,7 @@ def test_posthoc_exports_are_measured_once_and_the_joint_edge_is_the_run(tiny_fr
     assert not list((out / "posthoc").glob("*/int8")) and not list((out / "posthoc").glob("*/run"))  # measured, gone
 
 
+@pytest.mark.integration
 def test_the_report_has_the_front_its_figure_heatmap_and_goal_check(tiny_front):
     out, rows = tiny_front
     report = (out / "report.md").read_text()

@@ -5,6 +5,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +13,8 @@ from airlora.allocators import names
 from airlora.codecs import CODECS
 from airlora.config import merge
 from airlora.runner import run
+
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
 
 HEAD_SHAPES = ((2, 32), (2,))
 """The tiny BERT's classifier weight and bias."""
@@ -22,14 +25,19 @@ HEAD_SHAPES = ((2, 32), (2,))
        snrs=st.lists(st.sampled_from([-10.0, -5.0, 0.0, 5.0, 10.0, 20.0]), min_size=1, max_size=3),
        bits=st.sets(st.sampled_from([4, 8, 16, 32]), min_size=1), r_max=st.integers(1, 6),
        fading=st.sampled_from(["rayleigh", "awgn"]))
-def test_every_allocator_fits_every_step_and_the_delivery(tiny_config, allocator, bandwidth, t_max, snrs, bits, r_max,
-                                                         fading):
+def test_every_allocator_fits_every_step_and_the_delivery(tiny_config, tmp_path, allocator, bandwidth, t_max, snrs,
+                                                         bits, r_max, fading):
     config = merge(tiny_config, {
         "allocator": allocator, "channel.bandwidth_hz": bandwidth, "channel.t_max_s": t_max, "channel.snr_db": snrs,
         "channel.bits": sorted(bits), "channel.fading": fading, "adapter.r_max": r_max,
         "train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 0, "policy.episode_steps": 2,
     })
-    out = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory(dir=tmp_path) as folder:  # one per example, all under pytest's tmp_path
+        check_run(config, Path(folder), bits, t_max, r_max)
+
+
+def check_run(config, out, bits, t_max, r_max):
+    """Run ``config`` in ``out``; every step's bits and the delivery fit T_max, or nothing is sent when nothing fits."""
     summary = run(config, out)
     head_bits = max(bits)
     reserved = sum(CODECS[head_bits].tensor_bits(s) for s in HEAD_SHAPES) + 8 * summary["delivery_overhead_bytes"]

@@ -73,3 +73,18 @@ def test_every_snr_delivered_from_one_run_is_compared_per_snr():
     table = claims(rows)
     assert line(table, "AirLLM is more accurate than Uniform delivered at -5 dB")[4] == "holds"
     assert line(table, "AirLLM is more accurate than Uniform delivered at 10 dB")[4] == "does not hold"
+
+
+@pytest.mark.parametrize(("adalora", "cell", "verdict"), [
+    # AirLLM − AdaLoRA = 1, 2, 3 pp: mean 2, sd 1, half-width t(0.975, 2) / √3 = 4.3027 / 1.7321 = 2.48
+    (0.89, "2.00 ± 2.48 (n=3) pp", "inconclusive at this scale"),
+    # 2, 3, 4 pp: the same half-width, and the interval [0.52, 5.48] excludes 0
+    (0.88, "3.00 ± 2.48 (n=3) pp", "holds"),
+    # −4, −3, −2 pp: the interval [−5.48, −0.52] lies below 0
+    (0.94, "-3.00 ± 2.48 (n=3) pp", "does not hold"),
+])
+def test_a_claim_s_interval_and_verdict_worked_by_hand(adalora, cell, verdict):
+    rows = [row("ppo+ddim-mlp", s, 0.90 + 0.01 * s, {"a": 2, "b": 1}, 100) for s in range(3)]
+    rows += [row("adalora", s, adalora, {"a": 1, "b": 2}, 100) for s in range(3)]
+    claim = line(claims(rows), "AirLLM is more accurate than AdaLoRA")
+    assert (claim[2], claim[3], claim[4]) == (cell, "3 of 3", verdict)

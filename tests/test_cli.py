@@ -27,6 +27,7 @@ def _airlora(*args, check=True, cwd=None):
     return proc
 
 
+@pytest.mark.integration
 def test_run_writes_config_metrics_summary_within_budget(tiny_setup):
     root, model, data, config = tiny_setup
     out = root / "run"
@@ -53,6 +54,7 @@ def test_run_writes_config_metrics_summary_within_budget(tiny_setup):
     assert resolved["channel"]["bandwidth_hz"] == 5e4 and resolved["resolved"]["dataset_sizes"]["test"] == 20
 
 
+@pytest.mark.integration
 def test_finished_run_is_not_overwritten(tiny_setup, capsys):
     root, model, data, config = tiny_setup
     out = root / "once"
@@ -102,6 +104,7 @@ def test_channel_command_prints_the_readme_table(capsys):
         assert full_bits == f"{8 * cost * 32:,}" and int(uniform) == min(8, int(capacity // (32 * cost)))
 
 
+@pytest.mark.integration
 def test_channel_command_on_an_awgn_link(tiny_setup, capsys):
     _, model, _, _ = tiny_setup
     assert main(["channel", "--model", str(model), "--snr-db=-5,15", "--bandwidth-hz", "1e5", "--t-max-s", "1",

@@ -4,7 +4,6 @@ import hashlib
 import math
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,8 +180,19 @@ def test_keys_of_a_minilm_map():
                   np.array([(384, 384), (384, 1536), (1536, 384)]))
 
 
-@pytest.mark.parametrize("bits", sorted(CODECS))
-def test_relative_error_bounds_are_ordered(bits):
-    assert CODECS[bits].relative_error < 0.08
-    lower = [b for b in CODECS if b < bits]
-    assert all(CODECS[b].relative_error > CODECS[bits].relative_error for b in lower)
+def test_each_codec_s_error_bound_holds_and_is_tight():
+    """The channel heuristic weighs codecs by ``relative_error``: measured on 2,000 random groups, the worst error of
+    each lossy codec reaches at least 90 % of its bound and never passes it, and fewer bits measure worse."""
+    x = torch.randn(2000, GROUP, generator=torch.Generator().manual_seed(0))
+    worst = {}
+    for bits, c in CODECS.items():
+        error = (round_trip(c, x) - x).abs()
+        if c.integer:  # relative to the group's largest value
+            relative = error / x.abs().amax(dim=1, keepdim=True)
+        else:  # relative to the value itself, where fp16 is normal: below 2^-14 its spacing is fixed, not relative
+            relative = (error / x.abs())[x.abs() >= 2.0**-14]
+        worst[bits] = float(relative.max())
+        assert worst[bits] <= c.relative_error * (1 + 1e-6), bits
+        if bits != 32:  # fp32 → fp32 is exact
+            assert worst[bits] >= 0.9 * c.relative_error, (bits, worst[bits], c.relative_error)
+    assert worst[32] == 0.0 < worst[16] < worst[8] < worst[4]

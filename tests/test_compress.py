@@ -9,6 +9,8 @@ from airlora.config import merge
 from airlora.session import build_session
 from airlora.trainer import context
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 
 @pytest.fixture
 def session_with_energies(tiny_config):

@@ -108,10 +108,3 @@ def test_bits_is_a_sorted_set_of_codecs_and_bits_per_param_its_old_name(tmp_path
         from_dict(RunConfig, {"channel": {"bits_per_param": 3}})
     with pytest.raises(AirloraError, match=r"channel.bits = \[3, 8\] is not allowed"):
         ChannelConfig(bits=(3, 8))
-
-
-def test_codec_bits_are_the_codecs():
-    from airlora.codecs import CODECS
-    from airlora.config import CODEC_BITS
-
-    assert sorted(CODECS) == sorted(CODEC_BITS)

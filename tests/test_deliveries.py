@@ -11,6 +11,8 @@ from airlora.config import merge
 from airlora.runner import run
 from airlora.session import build_session
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 
 def uniform_rank_at(config, snr_db):
     session = build_session(config)

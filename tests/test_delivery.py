@@ -2,14 +2,12 @@
 checksums."""
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
 
 from airlora.cli import main
-from airlora.config import load_config, merge
 from airlora.data import load_splits
 from airlora.edge import attach, edge_evaluate, verify_delivery
 from airlora.errors import AirloraError
@@ -17,32 +15,7 @@ from airlora.export import RunAdapter, cloud_model, export_adapter
 from airlora.models import load_model
 from tests import reference
 
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_files):
-    """A short in-process `random` run on a generous link, so ranks differ per module."""
-    from airlora.runner import run
-
-    root = tmp_path_factory.mktemp("delivery")
-    model, data, config_file = tiny_files
-    config = merge(load_config(config_file), {
-        "model": str(model), "data.source": str(data), "allocator": "random", "adapter.r_max": 4,
-        "train.steps": 6, "train.eval_every": 6, "channel.bandwidth_hz": 1e6, "channel.snr_db": [20.0],
-        "train.lr": 5e-2})
-    threads = torch.get_num_threads()
-    run(config, root / "run")
-    torch.set_num_threads(threads)  # the run set it from its config
-    return root
-
-
-def wire_bits(bits: int, d_in: int, d_out: int) -> int:
-    """Bits per unit rank from the wire format, written out: floats cast (λ too); integer codes with a bf16 scale per
-    64 values of each Q row and P column (int4 two per byte), λ in fp32."""
-    if bits in (32, 16):
-        return bits * (d_in + d_out + 1)
-    row = lambda d: 8 * math.ceil(d * bits / 8) + 16 * math.ceil(d / 64)  # noqa: E731
-    return row(d_in) + row(d_out) + 32
-
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
 
 MIXED = [32, 16, 8, 4]
 
@@ -50,7 +23,7 @@ MIXED = [32, 16, 8, 4]
 @pytest.mark.parametrize("bits", [32, 16, 8, 4, "mixed"])
 def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bits):
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run / "run", run_dir)
+    shutil.copytree(finished_run(), run_dir)
     keys = sorted(RunAdapter(run_dir).ranks)
     ranks = {key: [0, 4, 1, 2, 3, 4][i % 6] for i, key in enumerate(keys)}
     precisions = {key: MIXED[i % 4] if bits == "mixed" else bits for i, key in enumerate(keys)}
@@ -80,9 +53,8 @@ def test_round_trip_through_peft_for_ranks_0_to_r_max(finished_run, tmp_path, bi
     # exact accounting: the tensor bytes are the wire format's size, the rest of the file is its header
     shapes = {key: (run.tensors[f"{key}.lora_A"].shape[1], run.tensors[f"{key}.lora_B"].shape[0])
               for key, r in ranks.items() if r}
-    head = sum((t.numel() * head_bits if head_bits >= 16 else (t.shape[0] if t.dim() > 1 else 1) * (
-        8 * math.ceil(t.shape[-1] * head_bits / 8) + 16 * math.ceil(t.shape[-1] / 64))) for t in run.head.values())
-    expected = sum(ranks[k] * wire_bits(precisions[k], *shapes[k]) for k in shapes) + head
+    head = sum(reference.head_tensor_bits(tuple(t.shape), head_bits) for t in run.head.values())
+    expected = sum(ranks[k] * reference.wire_bits(precisions[k], *shapes[k]) for k in shapes) + head
     payload = tmp_path / "adir" / manifest["payload_file"]
     raw = payload.read_bytes()
     header = 8 + int.from_bytes(raw[:8], "little")
@@ -106,7 +78,7 @@ def test_a_mixed_delivery_dequantised_loads_with_plain_peft_and_matches_the_clou
     from airlora.bundle import decode_tensors
 
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run / "run", run_dir)
+    shutil.copytree(finished_run(), run_dir)
     keys = sorted(RunAdapter(run_dir).ranks)
     ranks = {key: [3, 4, 1, 2][i % 4] for i, key in enumerate(keys)}
     precisions = {key: [4, 8, 16, 32, 4, 8][i % 6] for i, key in enumerate(keys)}
@@ -137,7 +109,7 @@ def test_a_mixed_delivery_dequantised_loads_with_plain_peft_and_matches_the_clou
 def test_edge_matches_an_independently_merged_cloud_model(finished_run, tmp_path, tiny_files):
     """A run's adapter merged by hand into a plain transformers model is the cloud model; the edge's logits and
     accuracy at 32, 8 and 4 bits (post-hoc) and mixed (as the run chose) are that model's, quantised by hand."""
-    run_dir, base = finished_run / "run", tiny_files[0]
+    run_dir, base = finished_run(), tiny_files[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(set(summary["ranks"].values())) >= 3  # the random allocator delivered heterogeneous ranks
     test = load_splits(RunAdapter(run_dir).config.data, seed=42).test
@@ -173,7 +145,7 @@ def test_edge_matches_an_independently_merged_cloud_model(finished_run, tmp_path
 
 def test_tampered_delivery_fails_its_checksum(finished_run, tmp_path, capsys, tiny_files):
     adir = tmp_path / "adir"
-    assert main(["export", str(finished_run / "run"), "--bits", "16", "--out", str(adir)]) == 0
+    assert main(["export", str(finished_run()), "--bits", "16", "--out", str(adir)]) == 0
     out = capsys.readouterr().out
     assert "payload" in out and "overhead" in out and "on air" in out and "airtime" in out
     sha = out.split("sha256 ")[1].split()[0]
@@ -200,7 +172,7 @@ def test_a_head_only_delivery_reaches_the_edge(finished_run, tmp_path, tiny_file
     """A link that carried only the head (every rank 0): PEFT refuses an adapter targeting nothing; the edge still
     gets the head, and its accuracy is the cloud's with that head."""
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run / "run", run_dir)
+    shutil.copytree(finished_run(), run_dir)
     keys = sorted(RunAdapter(run_dir).ranks)
     reference.with_ranks(run_dir, dict.fromkeys(keys, 0), precisions=dict.fromkeys(keys, bits), head_bits=bits)
     export_adapter(run_dir, None, tmp_path / "adir")

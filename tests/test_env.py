@@ -1,6 +1,7 @@
 """The Gymnasium environment: passes Gymnasium's checker, keeps every step within budget, rewards as defined."""
 
 import numpy as np
+import pytest
 from gymnasium.utils.env_checker import check_env
 
 from airlora.env import RankAllocationEnv
@@ -8,11 +9,13 @@ from airlora.session import build_session
 from airlora.state import state_vector
 
 
+@pytest.mark.integration
 def test_env_checker_passes(tiny_config):
     env = RankAllocationEnv(build_session(tiny_config), episode_steps=3)
     check_env(env, skip_render_check=True)
 
 
+@pytest.mark.integration
 def test_steps_stay_in_budget_and_reward_is_minus_loss_minus_lambda_eta(tiny_config):
     session = build_session(tiny_config)
     env = RankAllocationEnv(session, episode_steps=3)
@@ -40,6 +43,7 @@ def test_state_vector_is_normalised():
     assert state_vector(-100.0, 1.0, float("nan"), 2.0, [9], 8, progress=3.0).tolist() == [0, 0, 0, 1, 1, 1]
 
 
+@pytest.mark.integration
 def test_an_airlora_allocator_drives_the_env_through_its_own_calls(tiny_config):
     from airlora.allocators import make_allocator
     from airlora.config import merge

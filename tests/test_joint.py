@@ -109,6 +109,7 @@ def joint_run(tmp_path_factory, tiny_files):
     return root, config, summary
 
 
+@pytest.mark.integration
 def test_a_joint_run_chooses_a_lower_precision_and_reports_it(joint_run):
     _, _, s = joint_run
     assert set(s["ranks"].values()) == {4} and set(s["precisions"].values()) < {4, 8, 16}
@@ -116,6 +117,7 @@ def test_a_joint_run_chooses_a_lower_precision_and_reports_it(joint_run):
     assert s["budget_ok"] and s["airtime_s"] <= 1.0 and s["on_air_bits"] <= s["capacity_bps"]
 
 
+@pytest.mark.integration
 def test_the_edge_gets_the_runs_accuracy_and_the_runs_precisions(joint_run, tiny_files):
     root, _, s = joint_run
     manifest = export_adapter(root / "run", None, root / "adir")
@@ -126,6 +128,7 @@ def test_the_edge_gets_the_runs_accuracy_and_the_runs_precisions(joint_run, tiny
     assert result["test_accuracy"] == s["test_accuracy"] and result["accuracy_drop"] == 0
 
 
+@pytest.mark.integration
 def test_validation_and_test_see_the_round_trip(tiny_config, tmp_path, monkeypatch):
     from airlora import runner as run_module
     from airlora import trainer
@@ -149,6 +152,7 @@ def test_validation_and_test_see_the_round_trip(tiny_config, tmp_path, monkeypat
     assert module_q_after == 4
 
 
+@pytest.mark.integration
 def test_quantisation_aware_training_changes_training_only_below_fp32(tiny_config, tmp_path):
     def losses(name, **overrides):
         config = merge(tiny_config, {"channel.snr_db": [5.0], "channel.bandwidth_hz": 1e6, "train.steps": 4,
@@ -166,6 +170,7 @@ def test_quantisation_aware_training_changes_training_only_below_fp32(tiny_confi
     assert qat4[1] != plain4[1]  # ... and from the first update on the forward sees int4 triplets
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("allocator", ["uniform", "heuristic", "adalora"])
 def test_where_everything_fits_a_joint_run_is_the_rank_only_run(tiny_config, tmp_path, allocator):
     """Every joint mode chooses fp32 at r_max when it fits: same ranks, same weights, same accuracy (the budget front

@@ -16,6 +16,8 @@ from airlora.runner import run
 from airlora.session import build_session, seed_everything
 from tests.tiny_models import save_tiny
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 TIMING = {"wall_s", "setup_s", "train_s", "eval_s", "mean_step_s", "mean_decision_s", "decision_overhead_ratio",
           "mean_apply_s", "mean_update_s", "policy_decision_ms", "mean_probe_s", "probe_overhead_ratio"}
 TIMING_COLUMNS = {"step_s", "decision_s", "apply_s", "update_s", "probe_s", "rss_mb"}

@@ -65,6 +65,7 @@ def exported(tiny_files, tmp_path):
     return tmp_path, shlex.join(["airlora", *run_argv]), shlex.join(["airlora", *export_argv])
 
 
+@pytest.mark.integration
 @pytest.mark.filterwarnings(
     "ignore:The following rank_pattern keys did not match",  # AdaLoRA's masks, see edge.py
     "ignore:.*is_gradient_checkpointing.*is deprecated",
@@ -107,6 +108,7 @@ def test_the_card_describes_the_written_delivery_and_peft_loads_the_folder(expor
         assert (module.lora_A["default"].shape[0] if rank else 0) == rank, key
 
 
+@pytest.mark.integration
 def test_a_quantised_export_s_card_says_peft_cannot_load_it_as_is(exported):
     root, _, _ = exported
     assert main(["export", str(root / "run"), "--bits", "8", "--out", str(root / "int8")]) == 0
@@ -127,6 +129,7 @@ def test_the_base_model_is_named_by_its_hub_id_when_one_is_known(tmp_path):
     assert base_model_id(str(tmp_path), str(tmp_path)) == str(tmp_path)  # a path is no hub id: the folder
 
 
+@pytest.mark.integration
 def test_export_into_a_folder_with_someone_elses_readme_refuses_and_keeps_it(exported, capsys):
     tmp_path, _, _ = exported
     other = tmp_path / "repo"

@@ -10,6 +10,7 @@ seconds) and runs `airlora run` and `airlora sweep` as subprocesses that find it
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from airlora.allocators import Allocator, allocator_class, names, register, unre
 from airlora.cli import main
 from airlora.config import ALLOCATORS, RunConfig, from_dict
 from airlora.errors import AirloraError
+from tests import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "airlora-topdown"
@@ -58,15 +60,18 @@ def sweep_file(tmp_path, tiny_files, allocator):
     return path
 
 
-def assert_top_down(summary, r_max=4):
-    """Ranks never grow towards the input: every module of layer l at least as many as of layer l - 1."""
+def assert_top_down(run_dir, r_max=4):
+    """Ranks never grow towards the input: every module of layer l at least as many as of layer l - 1; the delivery
+    fits."""
+    summary = json.loads((run_dir / "summary.json").read_text())
     ranks = summary["ranks"]
     layers = sorted({int(k.split(".")[1]) for k in ranks})
     per_layer = [{ranks[k] for k in ranks if int(k.split(".")[1]) == layer} for layer in layers]
     assert all(len(values) == 1 for values in per_layer)  # one rank per layer
     values = [v.pop() for v in per_layer]
     assert values == sorted(values) and max(values) <= r_max
-    assert summary["budget_ok"] and summary["allocator"] == "top-down"
+    assert summary["allocator"] == "top-down"
+    reference.assert_delivery_fits(run_dir)
 
 
 def test_the_built_in_names_are_the_registry_s_and_the_config_s():
@@ -95,14 +100,15 @@ def test_registering_a_bad_name_or_target_is_refused(name, target, message):
         register(name, target)
 
 
+@pytest.mark.integration
 def test_the_example_plugin_runs_through_airlora_run_registered_in_process(topdown, tiny_files, tmp_path):
     out = tmp_path / "run"
     assert main(run_args(tiny_files, out, "top-down")) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert_top_down(summary)
+    assert_top_down(out)
     assert json.loads((out / "config.json").read_text())["allocator"] == "top-down"
 
 
+@pytest.mark.integration
 def test_a_plugin_s_state_survives_a_resume(topdown, tiny_files, tmp_path, monkeypatch):
     from airlora import trainer
 
@@ -122,9 +128,10 @@ def test_a_plugin_s_state_survives_a_resume(topdown, tiny_files, tmp_path, monke
     assert main(["run", "--quiet", "--out", str(out), "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 12
-    assert_top_down(summary)
+    assert_top_down(out)
 
 
+@pytest.mark.integration
 def test_the_example_plugin_runs_through_a_two_run_sweep_registered_in_process(topdown, tiny_files, tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", str(sweep_file(tmp_path, tiny_files, "top-down")), "--out", str(out), "--workers", "1",
@@ -132,9 +139,10 @@ def test_the_example_plugin_runs_through_a_two_run_sweep_registered_in_process(t
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"} and {r["seed"] for r in rows} == {0, 1}
     for row in rows:
-        assert_top_down(json.loads((out / "runs" / row["run_id"] / "summary.json").read_text()))
+        assert_top_down(out / "runs" / row["run_id"])
 
 
+@pytest.mark.integration
 def test_a_sweep_refuses_a_plugin_its_workers_cannot_import(tiny_files, tmp_path, capsys):
     class Local(Allocator):
         def allocate(self, ctx):
@@ -203,6 +211,7 @@ class NotAnAllocator:
     pass
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("target, message", [
     (Raises, "allocator 'bad' failed in allocate at step 0: RuntimeError: the plugin's own bug"),
     (ReturnsAList, "allocator 'bad' returned a bad decision from allocate at step 0: list [1, 1, 1"),
@@ -232,6 +241,7 @@ def test_a_plugin_that_fails_gets_one_line_and_exit_2(target, message, tiny_file
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.integration
 def test_with_debug_the_plugin_s_own_traceback_is_shown(tiny_files, tmp_path):
     register("bad", Raises, replace=True)
     try:
@@ -242,18 +252,21 @@ def test_with_debug_the_plugin_s_own_traceback_is_shown(tiny_files, tmp_path):
     assert isinstance(err.value.__cause__, RuntimeError)
 
 
+@pytest.mark.integration
 def test_the_example_installed_with_pip_is_found_through_its_entry_point(tiny_files, tmp_path):
     """pip installs the example folder into a target folder; fresh processes with it on PYTHONPATH run it by name
     (`airlora run` and a 2-run `airlora sweep`), with no registration in process."""
     target = tmp_path / "site"
+    # built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds
+    source = shutil.copytree(EXAMPLE, tmp_path / "example", ignore=shutil.ignore_patterns("build", "*.egg-info"))
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                              "--no-index", "--target", str(target), str(EXAMPLE)], capture_output=True, text=True)
+                              "--no-index", "--target", str(target), str(source)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
     run = subprocess.run([sys.executable, "-m", "airlora.cli", *run_args(tiny_files, tmp_path / "run", "top-down")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert_top_down(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    assert_top_down(tmp_path / "run")
     sweep = subprocess.run([sys.executable, "-m", "airlora.cli", "sweep", str(sweep_file(tmp_path, tiny_files,
                                                                                        "top-down")),
                             "--out", str(tmp_path / "sweep"), "--workers", "1", "--quiet"],

@@ -20,9 +20,8 @@ from airlora.policy.ppo import compute_gae
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_SHAPES = {"layers.0.q": (1, 1), "layers.0.k": (2, 2), "layers.0.v": (3, 3)}  # costs 3, 5, 7
-SMALL_POLICY = {"policy.ppo.hidden": 32, "policy.diffusion.hidden": 32, "policy.diffusion.time_embed_dim": 16,
-                "policy.diffusion.train_timesteps": 100, "policy.diffusion.inference_steps": 10,
-                "policy.refiner_batch": 32, "policy.episode_steps": 5}
+EPISODES = {"policy.refiner_batch": 32, "policy.episode_steps": 5}
+"""This file's episodes, on top of the shared ``small_policy`` networks."""
 
 
 def tiny_bandit(capacities: dict[float, float], weights=(0.3, 0.05, 0.2), r_max: int = 3, noise: float = 0.0,
@@ -66,7 +65,7 @@ def test_gae_at_a_truncation_bootstraps_with_the_next_state_hand_worked():
     assert terminal[2] == pytest.approx(1.7)  # what the old episode-terminal update computed instead
 
 
-def test_policy_learns_after_the_next_decision_and_bootstraps_with_its_value(monkeypatch):
+def test_policy_learns_after_the_next_decision_and_bootstraps_with_its_value(monkeypatch, small_policy):
     seen = []
 
     def spy(rewards, values, dones, last_value, gamma, gae_lambda):
@@ -74,7 +73,7 @@ def test_policy_learns_after_the_next_decision_and_bootstraps_with_its_value(mon
         return compute_gae(rewards, values, dones, last_value, gamma, gae_lambda)
 
     monkeypatch.setattr(hierarchical, "compute_gae", spy)
-    config = merge(RunConfig(), {"allocator": "airllm", "policy.variant": "ppo", **SMALL_POLICY})
+    config = merge(RunConfig(), {"allocator": "airllm", "policy.variant": "ppo", **small_policy, **EPISODES})
     bandit = tiny_bandit({0.0: 20.0})
     allocator = make_allocator(config)
     drive(bandit, allocator, episodes=1, episode_steps=5, seed=0)  # exactly one episode: its next state never came
@@ -98,14 +97,14 @@ def outcome_for(bandit, allocator, step):
     return StepOutcome(step, 0.5, -0.5, 0.1, ranks, None)
 
 
-def test_refiner_alone_gives_different_ranks_for_two_snrs_after_training():
+def test_refiner_alone_gives_different_ranks_for_two_snrs_after_training(small_policy):
     # Low SNR fits two triplets of the cheapest module, high SNR everything: the executed ranks differ by condition,
     # and a refiner that collapsed onto its pooled past actions (or onto x_T) gives the same ranks at both (as this
     # one does untrained: total rank 2 at both SNRs with lr 1e-9). The refiner alone decides: no PPO, no choice.
     config = merge(RunConfig(), {"allocator": "airllm", "policy.variant": "ddim", "policy.candidates": 1,
                                  "policy.deliver_candidates": 1,
                                  "policy.action_steps": 0, "policy.diffusion.lr": 3e-3, "policy.refiner_updates": 16,
-                                 "train.seed": 3, **SMALL_POLICY})
+                                 "train.seed": 3, **small_policy, **EPISODES})
     bandit = tiny_bandit({-5.0: 6.0, 15.0: 1000.0}, weights=(0.3, 0.3, 0.3), reward_lambda=0.0)
     allocator = make_allocator(config)
     drive(bandit, allocator, episodes=80, episode_steps=5, seed=0)
@@ -152,9 +151,9 @@ def test_additive_critic_recovers_importances_and_knows_where_it_has_no_data():
     assert spread[1] > 2 * spread[0], spread
 
 
-def test_critic_plus_exact_eta_is_the_callers_reward_whatever_it_is():
+def test_critic_plus_exact_eta_is_the_callers_reward_whatever_it_is(small_policy):
     # The caller's reward is −2·η (not −U − λη): the critic learns R + λη, so critic − λη tracks the caller's R.
-    config = merge(RunConfig(), {"allocator": "airllm", "policy.variant": "ddim", **SMALL_POLICY})
+    config = merge(RunConfig(), {"allocator": "airllm", "policy.variant": "ddim", **small_policy, **EPISODES})
     bandit = tiny_bandit({0.0: 30.0})
     budget = bandit.budgets[0.0]
     allocator = make_allocator(config)
@@ -175,8 +174,8 @@ def test_critic_plus_exact_eta_is_the_callers_reward_whatever_it_is():
         assert float(policy.score(state, ranks, torch.tensor([30.0]), 0.0)) == pytest.approx(-2.0 * eta, abs=0.02)
 
 
-def test_delivery_is_deterministic_and_changes_nothing_learned():
-    config = merge(RunConfig(), {"allocator": "airllm", **SMALL_POLICY})
+def test_delivery_is_deterministic_and_changes_nothing_learned(small_policy):
+    config = merge(RunConfig(), {"allocator": "airllm", **small_policy, **EPISODES})
     bandit = tiny_bandit({0.0: 20.0, 9.0: 100.0})
     a, b = make_allocator(config), make_allocator(config)
     drive(bandit, a, episodes=3, episode_steps=5, seed=0)
@@ -187,8 +186,8 @@ def test_delivery_is_deterministic_and_changes_nothing_learned():
     assert a.allocate(ctx) == b.allocate(ctx)  # b never delivered: a's delivery left its training state alone
 
 
-def test_saved_policy_rebuilds_without_a_run_with_the_same_weights_and_decisions(tmp_path):
-    config = merge(RunConfig(), {"allocator": "airllm", **SMALL_POLICY})
+def test_saved_policy_rebuilds_without_a_run_with_the_same_weights_and_decisions(tmp_path, small_policy):
+    config = merge(RunConfig(), {"allocator": "airllm", **small_policy, **EPISODES})
     bandit = tiny_bandit({0.0: 20.0, 9.0: 100.0})
     allocator = make_allocator(config)
     drive(bandit, allocator, episodes=4, episode_steps=5, seed=0)
@@ -204,10 +203,10 @@ def test_saved_policy_rebuilds_without_a_run_with_the_same_weights_and_decisions
     assert loaded.act(obs, 20.0, explore=False)[0] == original.act(obs, 20.0, explore=False)[0]
 
 
-def test_a_saved_policy_keeps_the_pricing_of_several_precisions():
+def test_a_saved_policy_keeps_the_pricing_of_several_precisions(small_policy):
     # with several allowed precisions the geometry prices ranks at the lowest one too (bits_low); a policy rebuilt
     # from its file must decide on the same budget, not on the highest precision alone
-    config = merge(RunConfig(), {"allocator": "airllm", **SMALL_POLICY}).policy
+    config = merge(RunConfig(), {"allocator": "airllm", **small_policy, **EPISODES}).policy
     keys = ["layers.0.q", "layers.0.k"]
     geometry = hierarchical.Geometry(torch.tensor([800.0, 1600.0]), 1000.0, 1.0, 8, torch.tensor([100.0, 200.0]))
     policy = RankPolicy(keys, geometry, config, 0.1, 0)

@@ -13,6 +13,8 @@ from airlora.regimes import probe_loss
 from airlora.runner import run
 from airlora.session import build_session
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 
 def read_csv(path):
     with path.open(newline="") as handle:

@@ -18,6 +18,8 @@ from airlora.errors import AirloraError
 from airlora.finetuner import FineTuner
 from airlora.runner import check_same_run, run
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 TIMING = {"step_s", "decision_s", "apply_s", "update_s", "probe_s", "rss_mb"}  # measured, not computed
 
 
@@ -51,23 +53,10 @@ def resumable(tiny_config, allocator, steps=12):
 @pytest.mark.parametrize("allocator", ["airllm", "adalora", "heuristic", "random", "uniform", "heuristic+joint",
                                        "uniform+joint", "adalora+joint", "airllm+joint", "airllm@paper",
                                        "adalora@paper", "uniform+joint@paper", "random@paper"])
-def test_a_crashed_run_resumes_to_the_same_result(tiny_config, tmp_path, monkeypatch, allocator):
+def test_a_crashed_run_resumes_to_the_same_result(tiny_config, tmp_path, crash_run, allocator):
     config = resumable(tiny_config, allocator)
     run(config, tmp_path / "whole")
-
-    real_step = FineTuner.step
-    calls = {"n": 0}
-
-    def crash_at_step_10(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt  # as if the process died after step 9's checkpoint at 8
-        return real_step(self, batch)
-
-    monkeypatch.setattr(FineTuner, "step", crash_at_step_10)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "cut")
-    monkeypatch.setattr(FineTuner, "step", real_step)
+    crash_run(config, tmp_path / "cut", at_call=11)  # as if the process died after step 9's checkpoint at 8
     pointer = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())
     assert pointer["step"] == 8 and not (tmp_path / "cut" / "summary.json").exists()
     assert len(metrics(tmp_path / "cut")) == 8  # rows up to the checkpoint are already on disk
@@ -89,31 +78,17 @@ def test_same_seed_same_run(tiny_config, tmp_path):
     assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
 
 
-def test_resume_refuses_a_different_run(tiny_config, tmp_path, monkeypatch):
+def test_resume_refuses_a_different_run(tiny_config, tmp_path, crash_run):
     config = resumable(tiny_config, "uniform")
-    monkeypatch.setattr(FineTuner, "step", lambda self, batch: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "r")
+    crash_run(config, tmp_path / "r", at_call=1)
     with pytest.raises(AirloraError, match="train.reward_lambda is 0.5 but the run was started with 0.1; resume with "
                                            "the same settings or start a new run .a resume may change train.lr, "):
         run(merge(config, {"train.reward_lambda": 0.5}), tmp_path / "r", resume=True)
 
 
-def test_resume_refuses_fewer_steps_than_it_has_run_and_adalora_steps(tiny_config, tmp_path, monkeypatch):
+def test_resume_refuses_fewer_steps_than_it_has_run_and_adalora_steps(tiny_config, tmp_path, crash_run):
     config = resumable(tiny_config, "uniform")
-    real_step = FineTuner.step
-    calls = {"n": 0}
-
-    def crash(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(FineTuner, "step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "r")
-    monkeypatch.setattr(FineTuner, "step", real_step)
+    crash_run(config, tmp_path / "r", at_call=6)
     with pytest.raises(AirloraError, match="--resume: train.steps = 4 but the run is at step 4 already; give more than "
                                            "4 steps"):
         run(merge(config, {"train.steps": 4}), tmp_path / "r", resume=True)
@@ -126,21 +101,9 @@ def test_resume_refuses_fewer_steps_than_it_has_run_and_adalora_steps(tiny_confi
         {"setting": "train.lr", "from": 5e-3, "to": 1e-3}]
 
 
-def test_a_tampered_checkpoint_is_refused(tiny_config, tmp_path, monkeypatch):
+def test_a_tampered_checkpoint_is_refused(tiny_config, tmp_path, crash_run):
     config = resumable(tiny_config, "uniform")
-    real_step = FineTuner.step
-    calls = {"n": 0}
-
-    def crash(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(FineTuner, "step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "r")
-    monkeypatch.setattr(FineTuner, "step", real_step)
+    crash_run(config, tmp_path / "r", at_call=6)
     path = tmp_path / "r" / "checkpoint-4.pt"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(AirloraError, match="checksum mismatch"):

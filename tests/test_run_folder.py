@@ -6,6 +6,8 @@ from airlora.cli import main
 from airlora.errors import AirloraError
 from airlora.runner import run
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 
 def run_flags(tiny_files, out, *extra):
     model, data, config = tiny_files

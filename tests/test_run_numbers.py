@@ -19,9 +19,10 @@ from airlora.cli import main
 from airlora.config import merge
 from airlora.data import load_splits
 from airlora.export import export_adapter
-from airlora.finetuner import FineTuner
 from airlora.runner import run
 from tests import reference
+
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
 
 SHAPES = {"q": (32, 32), "k": (32, 32), "v": (32, 32), "o": (32, 32), "fc1": (32, 48), "fc2": (48, 32)}
 HEAD = 2 * 32 + 2  # classifier weight and bias
@@ -93,24 +94,12 @@ def test_summary_numbers_follow_from_the_ranks_rows_and_data(tiny_config, skewed
     assert s["val_accuracy"] == max(float(r["val_accuracy"]) for r in rows if r["val_accuracy"])
 
 
-def test_train_s_counts_every_process_of_a_resumed_run(tiny_config, tmp_path, monkeypatch):
+def test_train_s_counts_every_process_of_a_resumed_run(tiny_config, tmp_path, crash_run):
     import time
 
     config = merge(tiny_config, {"train.steps": 12, "train.checkpoint_every": 4})
-    real_step = FineTuner.step
-    calls = {"n": 0}
-
-    def slow_then_crash(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt
-        time.sleep(0.25)  # the first process's steps take long, so its share of train_s is unmistakable
-        return real_step(self, batch)
-
-    monkeypatch.setattr(FineTuner, "step", slow_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "r")
-    monkeypatch.setattr(FineTuner, "step", real_step)
+    # the first process's steps take long, so its share of train_s is unmistakable
+    crash_run(config, tmp_path / "r", at_call=11, step_delay_s=0.25)
     pointer = json.loads((tmp_path / "r" / "checkpoint.json").read_text())
     earlier = torch.load(tmp_path / "r" / pointer["file"], weights_only=True)["elapsed_s"]
     assert pointer["step"] == 8 and earlier >= 8 * 0.25
@@ -123,18 +112,12 @@ def test_train_s_counts_every_process_of_a_resumed_run(tiny_config, tmp_path, mo
     assert earlier + resumed_steps <= s["train_s"] <= earlier + resumed_wall
 
 
-def int8_unit_bits(d_in, d_out):
-    """Bits per unit rank at int8, from the wire format: a Q row and a P column of int8 codes with one bf16 scale per
-    64 values, and λ in fp32."""
-    return (d_in + d_out) * 8 + 16 * (math.ceil(d_in / 64) + math.ceil(d_out / 64)) + 32
-
-
 def test_export_manifest_airtime_and_fits_t_max(tiny_config, tmp_path):
     """An 8-bit run on a link where 8 bits fit and 16 and 32 do not: the bytes written, the airtime and the verdict."""
     config = merge(tiny_config, {"channel.snr_db": [0.0], "channel.bandwidth_hz": 5e4, "channel.bits": [8]})
     s = run(config, tmp_path / "r")
     capacity = capacity_bps(0.0, 5e4)
-    unit = sum(int8_unit_bits(*SHAPES[m]) for m in SHAPES) * 2  # both layers: 7,424 bits per unit rank
+    unit = sum(reference.wire_bits(8, *SHAPES[m]) for m in SHAPES) * 2  # both layers: 7,424 bits per unit rank
     head = 2 * (32 * 8 + 16) + (2 * 8 + 16)  # the classifier's two rows, and its bias as one row
     reserve = 8 * s["delivery_overhead_bytes"]
     assert s["ranks"] == dict.fromkeys(s["ranks"], 3)  # the largest uniform rank whose int8 delivery fits

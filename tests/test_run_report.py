@@ -2,14 +2,13 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from airlora import run_report
 from airlora.cli import main
-from airlora.config import merge
-from airlora.runner import run
 
 MODULES = ("q", "k", "v", "o", "fc1", "fc2")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -20,28 +19,16 @@ def csv_rows(path):
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture
-def finished_run(tiny_config, tmp_path):
-    """Make a finished tiny run of an allocator at two precisions on a link where triplets fit (airllm: 2-step
-    episodes, so its policy logs a few), in the paper's regime, where the ranks trained at change with the step."""
-
-    def make(allocator):
-        overrides = {
-            "allocator": allocator,
-            "policy.episode_steps": 2,
-            "channel.bits": [8, 32],
-            "channel.snr_db": [6.0],
-            "train.report_to": "none",
-            "train.regime": "paper",
-        }
-        run(merge(tiny_config, overrides), tmp_path / allocator)
-        return tmp_path / allocator
-
-    return make
+def two_precision_run(allocator: str) -> dict:
+    """A tiny run of ``allocator`` at two precisions on a link where triplets fit (airllm: 2-step episodes, so its
+    policy logs a few), in the paper's regime, where the ranks trained at change with the step."""
+    return {"allocator": allocator, "policy.episode_steps": 2, "channel.bits": [8, 32], "channel.snr_db": [6.0],
+            "train.report_to": "none", "train.regime": "paper"}
 
 
-def test_report_of_an_airllm_run_writes_every_figure(finished_run, capsys):
-    airllm_run = finished_run("airllm")
+@pytest.mark.integration
+def test_report_of_an_airllm_run_writes_every_figure(finished_run, tmp_path, capsys):
+    airllm_run = shutil.copytree(finished_run(two_precision_run("airllm")), tmp_path / "airllm")
     assert main(["report", str(airllm_run)]) == 0
     assert "report written to" in capsys.readouterr().out
     report = (airllm_run / "report.md").read_text()
@@ -59,8 +46,9 @@ def test_report_of_an_airllm_run_writes_every_figure(finished_run, capsys):
     assert np.allclose(first.lines[0].get_ydata(), [float(r["mean_reward"]) for r in policy])
 
 
+@pytest.mark.integration
 def test_the_figures_draw_the_run_s_own_numbers(finished_run):
-    run_dir = finished_run("heuristic")  # its delivery sends modules at both precisions
+    run_dir = finished_run(two_precision_run("heuristic"))  # its delivery sends modules at both precisions
     tables = run_report.read_run(run_dir)
     metrics = csv_rows(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -13,11 +13,13 @@ from airlora.policy.hierarchical import load_policy_file
 from airlora.runner import run
 from airlora.session import build_session
 from airlora.surrogate import calibrated_gains, gradient_spectra, pretrain_policy
+from tests import reference
 
-SMALL_POLICY = {"policy.ppo.hidden": 32, "policy.diffusion.hidden": 32, "policy.diffusion.train_timesteps": 100,
-                "policy.diffusion.inference_steps": 10, "policy.episode_steps": 5, "policy.refiner_batch": 16}
+EPISODES = {"policy.episode_steps": 5, "policy.refiner_batch": 16}
+"""This file's episodes, on top of the shared ``small_policy`` networks."""
 
 
+@pytest.mark.integration
 def test_gradient_spectra_are_those_of_the_plain_model(tiny_config):
     # At the start λ = 0, so the adapted model is the plain model; its weight gradients, computed here by autograd
     # on a fresh copy with the same head, must have the singular values the calibration reports.
@@ -46,10 +48,12 @@ def test_calibrated_gains_are_concave_and_sum_to_the_loss_gap():
     assert gains[:, -1].sum() == pytest.approx(0.5)
 
 
-def test_pretrained_policy_is_saved_and_continues_in_a_run(tiny_config, tmp_path):
+@pytest.mark.integration
+def test_pretrained_policy_is_saved_and_continues_in_a_run(tiny_config, tmp_path, small_policy):
     config = merge(tiny_config, {"allocator": "airllm", "policy.pretrain.episodes": 120, "channel.bandwidth_hz": 1e5,
                                  "policy.pretrain.probe_batches": 2, "policy.pretrain.loss_gap": 2.0,
-                                 "policy.pretrain.noise_std": 0.0, "policy.prior_steps": 50, **SMALL_POLICY})
+                                 "policy.pretrain.noise_std": 0.0, "policy.prior_steps": 50,
+                                 **small_policy, **EPISODES})
     record = pretrain_policy(config, tmp_path / "pre")
     names = {p.name for p in (tmp_path / "pre").iterdir()}
     assert {"policy.pt", "policy_metrics.csv", "calibration.json", "config.json"} <= names
@@ -65,17 +69,18 @@ def test_pretrained_policy_is_saved_and_continues_in_a_run(tiny_config, tmp_path
     with pytest.raises(AirloraError, match="already holds a policy.pt"):
         pretrain_policy(config, tmp_path / "pre")
     # continued online: the critic keeps what it learned, weighed as prior_steps observations, plus the run's own
-    summary = run(merge(config, {"policy.load_path": str(tmp_path / "pre" / "policy.pt")}), tmp_path / "run")
+    run(merge(config, {"policy.load_path": str(tmp_path / "pre" / "policy.pt")}), tmp_path / "run")
     after = load_policy_file(tmp_path / "run" / "policy.pt")
     assert after["critic"]["count"] == pytest.approx(50 + tiny_config.train.steps)
-    assert summary["budget_ok"]
+    reference.assert_delivery_fits(tmp_path / "run")
 
 
 def saved_record(folder):
     return json.loads((folder / "calibration.json").read_text())
 
 
-def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path):
+@pytest.mark.integration
+def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path, small_policy):
     # policy.pretrain.before_run: the run pretrains into RUN/pretrained-policy/ and trains on from that policy (its
     # critic count is prior_steps + the run's steps; a fresh policy's would be the steps alone), and a second call
     # (a resumed run) reuses the finished pretraining instead of redoing it
@@ -83,7 +88,7 @@ def test_a_run_can_pretrain_its_own_policy_first(tiny_config, tmp_path):
 
     config = merge(tiny_config, {"allocator": "airllm", "policy.pretrain.episodes": 40, "channel.bandwidth_hz": 1e5,
                                  "policy.pretrain.probe_batches": 2, "policy.pretrain.before_run": True,
-                                 "policy.prior_steps": 50, **SMALL_POLICY})
+                                 "policy.prior_steps": 50, **small_policy, **EPISODES})
     summary = run(config, tmp_path / "run")
     folder = tmp_path / "run" / PRETRAINED_DIR
     assert load_policy_file(folder / "policy.pt")["critic"]["count"] == 40 * 5

@@ -98,6 +98,7 @@ def test_split_statistics_hand_worked():
     assert stats["oov_rate"] == pytest.approx(0.5)
 
 
+@pytest.mark.integration
 def test_reference_vocabulary_wordpiece_minilm():
     vocabulary = reference_vocabulary(minilm_tokenizer())
     assert {"the", "movie", "good"} <= vocabulary

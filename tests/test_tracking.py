@@ -20,6 +20,8 @@ from airlora.config import merge
 from airlora.runner import run
 from airlora.tracking import STEP_SCALARS
 
+pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXTRA_STEP_SCALARS = ("charts/t_max_s", "charts/capacity_mbps", "charts/learning_rate", "charts/mean_rank",
                       "perf/decision_ms", "perf/apply_ms", "perf/update_ms")

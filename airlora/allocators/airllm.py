@@ -122,13 +122,12 @@ class AirLLMAllocator(Allocator):
 
     def save(self, out: Path) -> dict[str, Any]:
         """Write policy.pt and policy_metrics.csv; return the policy's summary fields."""
-        from airlora.io import write_csv_atomic
+        from airlora.io import atomic_path, write_csv_atomic
 
         if self.policy is None:
             return {}
-        tmp = out / f".{POLICY_FILE}.tmp"
-        torch.save(self.policy.policy_state(), tmp)
-        tmp.replace(out / POLICY_FILE)
+        with atomic_path(out / POLICY_FILE) as tmp:
+            torch.save(self.policy.policy_state(), tmp)
         columns = sorted({k for row in self.metrics for k in row}, key=lambda k: (k != "episode", k))
         write_csv_atomic(out / METRICS_FILE, self.metrics, columns)
         rewards = [row["mean_reward"] for row in self.metrics]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from airlora.io import atomic_path  # noqa: E402
 from airlora.ranks import MODULES, parse_key  # noqa: E402
 from airlora.sweep.stats import mean_ci  # noqa: E402
 from airlora.sweep.tables import group, label, methods_in, setting  # noqa: E402
@@ -21,11 +21,11 @@ Row = dict[str, Any]
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Write the figure atomically (a reader never sees half a PNG) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")  # the temporary name ends in .tmp, so say the format
+    finally:
+        plt.close(fig)
     return path
 
 

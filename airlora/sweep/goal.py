@@ -1,4 +1,4 @@
-"""AirLLM against the best baseline at each budget: accuracy and bits, paired by seed (the goal of issue 17).
+"""AirLLM against the best baseline at each budget: accuracy and bits, paired by seed (the project's goal).
 
 The goal: AirLLM at or above the accuracy of the best baseline (the one of highest mean accuracy among AdaLoRA,
 uniform and the channel heuristic) with at most 75 % of its on-air bits, and no run over its budget.
