@@ -125,7 +125,7 @@ def test_channel_command_on_an_awgn_link(tiny_setup, capsys):
         (["run", "--out", "x", "--snr-db", "abc"], "--snr-db 'abc': expected a number, a comma-separated list"),
         (["run", "--out", "x", "--steps", "0"], "train.steps = 0 is not allowed; expected an integer >= 1"),
         (["run", "--out", "x", "--allocator", "nope"],
-         "allocator = 'nope' is not allowed; expected one of adalora, airllm, heuristic, random, uniform"),
+         "allocator = 'nope' is not allowed; expected one of adalora, airllm, compress, heuristic, random, uniform"),
         (["run", "--out", "x", "--model", "/no/such/folder"],
          "model '/no/such/folder': '/no/such/folder' is not a Hugging Face checkpoint folder (no config.json)"),
         (["run", "--out", "x", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),

@@ -22,14 +22,15 @@ from airlora.tracking import STEP_SCALARS
 
 pytestmark = pytest.mark.integration  # end-to-end on the tiny model: see pyproject.toml
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
+"""The user's reference, whose table of metric names must be what the log holds."""
 EXTRA_STEP_SCALARS = ("charts/t_max_s", "charts/capacity_mbps", "charts/learning_rate", "charts/mean_rank",
                       "perf/decision_ms", "perf/apply_ms", "perf/update_ms")
 POLICY_TAGS = ("losses/ppo_policy_loss", "losses/ppo_value_loss", "policy/ppo_approx_kl", "policy/ppo_clipfrac",
                "policy/ppo_explained_variance", "policy/ppo_entropy", "losses/refiner_denoise_loss",
                "policy/critic_noise_std", "policy/guidance_scale", "policy/decision_ms", "policy/update_ms",
                "policy/mean_reward")
-"""The per-episode names the README lists for airllm."""
+"""The per-episode names the guide (docs/guide.md) lists for airllm."""
 
 
 def read_log(out):
@@ -105,8 +106,8 @@ def test_every_named_scalar_is_in_the_event_files_at_its_steps(airllm_config, tm
     assert "policy/episode" not in log.Tags()["scalars"]
     config = json.loads((out / "config.json").read_text())
     assert config["resolved"]["report_to"] == "tensorboard"
-    # the README's table of names is the log's: each name it lists is logged, each logged name is listed
-    listed = set(re.findall(r"`((?:charts|perf|eval|losses|policy)/\w+)`", README.read_text(encoding="utf-8")))
+    # the guide's table of names is the log's: each name it lists is logged, each logged name is listed
+    listed = set(re.findall(r"`((?:charts|perf|eval|losses|policy)/\w+)`", GUIDE.read_text(encoding="utf-8")))
     logged = {tag for tag in log.Tags()["scalars"] + log.Tags()["histograms"] if not re.search(r"_-?\d+dB$", tag)}
     assert listed - {"charts/bits"} == logged  # charts/bits: runs with several precisions only
 
