@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for the PEFT adapter, its delivery manifest and its model "
                         "card (README.md)")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    export.add_argument("--format", dest="adapter_format", choices=["adalora", "lora", "gguf"], default="adalora",
+                        help="adalora: PEFT AdaLoRA, the triplets as trained (default); lora: plain PEFT LoRA with λ "
+                             "and the scaling folded in, for any LoRA tool; gguf: llama.cpp's GGUF LoRA adapter "
+                             "(Llama decoders); see docs/delivery-formats.md")
 
     sweep = sub.add_parser("sweep", help="run a grid of runs from a sweep file (resumable); writes results.jsonl")
     sweep.add_argument("sweep_file", help="sweep YAML/JSON, e.g. configs/smoke.yaml")
@@ -232,12 +236,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from airlora.codecs import sent_bits
     from airlora.export import export_adapter
 
-    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line)
+    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line,
+                       adapter_format=args.adapter_format)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
     used = sent_bits(m["ranks"], m["precisions"])
     what = (f"{m['bits_per_param']} bits/value" if m["bits_per_param"]
             else f"modules at {'/'.join(map(str, used))} bits, head at {m['head_bits']}")
-    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}"
+    print(f"exported {m['run_dir']} -> {args.out} ({_FORMAT_TEXT[m['adapter_format']]}, {what}"
           f"{'' if m['precisions_of_run'] else '; not the precisions the run chose'})")
     print(f"payload {m['payload_bytes']:,} bytes + scales {m['scale_bytes']:,} bytes ({m['transmitted_params']:,} "
           f"params)")
@@ -250,6 +255,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
     print(f"model card {Path(args.out) / 'README.md'}")
     return 0
+
+
+_FORMAT_TEXT = {"adalora": "PEFT AdaLoRA adapter", "lora": "PEFT LoRA adapter", "gguf": "GGUF LoRA adapter"}
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:

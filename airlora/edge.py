@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from airlora import bundle
-from airlora.bundle import MANIFEST_FILE, PEFT_PARTS, PEFT_PREFIX, RECORD_FILE
+from airlora.bundle import MANIFEST_FILE, PEFT_PREFIX, RECORD_FILE
 from airlora.codecs import common_bits
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
@@ -98,8 +98,8 @@ def check_base(adir: Path, manifest: dict[str, Any], base: torch.nn.Module, base
     modules, params = dict(base.named_modules()), dict(base.named_parameters())
     for key, shape in payload_shapes(adir / manifest["payload_file"]).items():
         name = key.removeprefix(PEFT_PREFIX)
-        owner, _, part = name.rpartition(".")
-        if part in PEFT_PARTS:
+        owner, part = bundle.factor_part(name)
+        if part is not None:
             module = modules.get(owner)
             if not isinstance(module, torch.nn.Linear):
                 problem = f"has no linear layer {owner!r}"
