@@ -39,6 +39,8 @@ PEFT_PREFIX = "base_model.model."
 """Prefix of every tensor key in a PEFT adapter file."""
 PEFT_PARTS = ("lora_A", "lora_B", "lora_E")
 """Tensor names of one adapted module in PEFT's AdaLoRA: Q_a, P_a and λ_a."""
+LORA_ALPHA = 1.0
+"""lora_alpha of a plain LoRA delivery: module m is scaled by LORA_ALPHA / r_m, its rank (``lora_adapter_config``)."""
 LORA_SUFFIX = ".weight"
 """PEFT's plain LoRA keeps lora_A and lora_B as linear layers: its keys end ``.lora_A.weight``, ``.lora_B.weight``."""
 PEFT_PAYLOAD = "adapter_model.safetensors"
@@ -165,22 +167,21 @@ def lora_adapter_config(module_ranks: dict[str, int], model_dir: str, head_names
     """PEFT's LoraConfig as JSON for factors with λ and the scaling folded in (``airlora.formats``), only the fields
     that differ from PEFT's defaults.
 
-    Each targeted module gets its rank in ``rank_pattern`` and the same number in ``alpha_pattern``, so LoRA's
-    scaling lora_alpha / r is exactly 1 for every module and ΔW = lora_B · lora_A as sent; any tool that reads a
-    LoRA adapter computes the same ΔW without knowing AdaLoRA.
+    Each targeted module's rank r_m is in ``rank_pattern``; one ``lora_alpha`` = ``LORA_ALPHA`` for all, so a tool
+    scales module m by lora_alpha / r_m, PEFT and llama.cpp alike (its converter reads one lora_alpha and divides by
+    each tensor's rank; it ignores an ``alpha_pattern``, which is why none is sent). The factors carry r_m / lora_alpha
+    to match (``formats.lora_tensors``), so ΔW is the run's whatever the tool.
     """
     targeted = {name: rank for name, rank in sorted(module_ranks.items()) if rank}
-    r = max(targeted.values(), default=1)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": model_dir,
-        "r": r,
-        "lora_alpha": r,
+        "r": max(targeted.values(), default=1),
+        "lora_alpha": LORA_ALPHA,
         "lora_dropout": 0.0,
         "target_modules": sorted(targeted),
         "rank_pattern": targeted,
-        "alpha_pattern": targeted,
         "modules_to_save": sorted({name.rpartition(".")[0] for name in head_names}),
         "inference_mode": True,
     }

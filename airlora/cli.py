@@ -135,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     edge = sub.add_parser("edge", help="as the device: verify a delivery, attach it with PEFT, evaluate; prints JSON")
     edge.add_argument("adapter_dir", help="the --out folder of `airlora export`")
-    edge.add_argument("--base", required=True, help="base model folder ('minilm' for the packaged one)")
+    edge.add_argument("--base", required=True,
+                      help="base model folder ('minilm', 'smollm2-135m' for the packaged ones)")
     edge.add_argument("--data", help="test data (default: the run's own test split)")
     edge.add_argument("--sha256", help="payload SHA-256 the sender printed; must match too")
+    edge.add_argument("--runtime", choices=["peft", "llama.cpp"], default="peft",
+                      help="peft: transformers + PEFT (default); llama.cpp: a --format gguf delivery on the base "
+                           "model's GGUF (--base: a .gguf file, 'smollm2-135m' or a folder prepared from a GGUF), "
+                           "needs pip install 'airlora[llamacpp]'")
     return parser
 
 
@@ -246,7 +251,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"{'' if m['precisions_of_run'] else '; not the precisions the run chose'})")
     print(f"payload {m['payload_bytes']:,} bytes + scales {m['scale_bytes']:,} bytes ({m['transmitted_params']:,} "
           f"params)")
-    print(f"overhead {m['overhead_bytes']:,} bytes on the air (zlib of safetensors header {m['header_bytes']:,}, "
+    print(f"overhead {m['overhead_bytes']:,} bytes on the air (zlib of "
+          f"{'the GGUF file besides its tensors' if m['adapter_format'] == 'gguf' else 'safetensors header'} "
+          f"{m['header_bytes']:,}, "
           f"adapter_config.json {m['config_bytes']:,}, delivery.json {m['manifest_bytes']:,}: "
           f"{m['overhead_raw_bytes']:,} bytes raw)" + (f"; the run reserved {m['reserved_overhead_bytes']:,}"
                                                        if m["reserved_overhead_bytes"] is not None else ""))
@@ -310,9 +317,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_edge(args: argparse.Namespace) -> int:
     import json
 
-    from airlora.edge import edge_evaluate
+    if args.runtime == "llama.cpp":
+        from airlora.edge_llamacpp import llamacpp_evaluate
 
-    result = edge_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
+        result = llamacpp_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
+    else:
+        from airlora.edge import edge_evaluate
+
+        result = edge_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -190,10 +190,11 @@ class RunAdapter:
     def adapter_config(self, adapter_format: str = "adalora") -> dict[str, Any]:
         """PEFT's AdaLoraConfig (``bundle.adapter_config``) or LoraConfig (``bundle.lora_adapter_config``)."""
         module_ranks = {self.module_names[k]: r for k, r in self.ranks.items()}
+        task = "SEQ_CLS" if self.config.data.label_words is None else "CAUSAL_LM"  # PEFT loads it on such a model
         if adapter_format == "lora":
-            return bundle.lora_adapter_config(module_ranks, self.model_dir, list(self.head))
+            return bundle.lora_adapter_config(module_ranks, self.model_dir, list(self.head), task)
         return bundle.adapter_config(module_ranks, self.r_max, self.scaling, self.model_dir, list(self.head),
-                                     int(self.summary.get("steps", 1)))
+                                     int(self.summary.get("steps", 1)), task)
 
 
 def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, Any]:
@@ -205,7 +206,8 @@ def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None)
 
     values = run.tensors if tensors is None else tensors
     seed_everything(run.config.train.seed)  # weights the checkpoint lacks are drawn exactly as in training
-    model, tokenizer, _ = load_model(run.model_dir)
+    data = run.config.data
+    model, tokenizer, _ = load_model(run.model_dir, label_words=data.label_words, prompt=data.prompt)
     module_map = resolve_modules(model, run.config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, run.config.adapter, run.config.train.seed)
     adapters.set_ranks(run.ranks)
@@ -265,6 +267,10 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
                            "inconsistent")
     precisions = run.precisions if bits is None else dict.fromkeys(run.ranks, bits)
     head_bits = run.head_bits if bits is None else bits
+    if adapter_format == "gguf":
+        from airlora.gguf_export import export_gguf
+
+        return export_gguf(run, tensors, precisions, out, command)
     as_run = precisions == run.precisions and head_bits == run.head_bits  # what the run chose and budgeted
     # 1. the payload: each tensor at its module's codec (or the head's)
     payload, codecs = {}, {}
@@ -276,30 +282,13 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
                            "bf16 scales have fp32's range)")
 
     # 2. the cloud model as delivered (the payload decoded back), its logits on a fixed batch for the edge
-    from airlora.data import load_splits
-
-    data = _data_dict(run)
-    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
-    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
     decoded = bundle.decode_tensors(payload, codecs)
-    model, tokenizer = cloud_model(run, run.run_tensors(decoded) if adapter_format == "adalora"
-                                   else formats.run_tensors_from_lora(run, decoded))
-    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
-    reference = {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
+    data, reference = delivered_reference(run, run.run_tensors(decoded) if adapter_format == "adalora"
+                                          else formats.run_tensors_from_lora(run, decoded))
 
     # 3. the files, the manifest and the record last: a failure removes what was written
     payload_file = bundle.payload_file(codecs)
-    written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
-               "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
-    is_export = (out / MANIFEST_FILE).is_file() or (out / RECORD_FILE).is_file()
-    clash = [name for name in written if (out / name).exists()] if out.is_dir() and not is_export else []
-    if clash:  # e.g. --out . in a repository: its README.md is not an earlier export's card
-        raise AirloraError(f"--out {out} already holds {', '.join(clash)} and is not an airlora export; choose an "
-                           "empty folder or an earlier export's")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in written:
-        (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
+    created = open_out(out)
     try:
         tmp = out / f".{payload_file}.tmp"
         save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
@@ -313,12 +302,50 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
         write_json_atomic(out / RECORD_FILE, record)
         write_text_atomic(out / CARD_FILE, model_card(run.config, run.summary, run.model_dir, sent, record, command))
     except BaseException:
-        for name in (*written, f".{payload_file}.tmp"):
-            (out / name).unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        remove_export(out, created)
         raise
     return sent | record
+
+
+WRITTEN = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
+           "adapter.gguf", "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
+"""Every file an export may write: removed before writing, so none of an earlier export's survives."""
+
+
+def open_out(out: Path) -> bool:
+    """Make ``out`` ready for an export's files (an earlier export's removed); whether it was created."""
+    is_export = (out / MANIFEST_FILE).is_file() or (out / RECORD_FILE).is_file()
+    clash = [name for name in WRITTEN if (out / name).exists()] if out.is_dir() and not is_export else []
+    if clash:  # e.g. --out . in a repository: its README.md is not an earlier export's card
+        raise AirloraError(f"--out {out} already holds {', '.join(clash)} and is not an airlora export; choose an "
+                           "empty folder or an earlier export's")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in WRITTEN:
+        (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
+    return created
+
+
+def remove_export(out: Path, created: bool) -> None:
+    """Undo a failed export: its files (and temporary files), and ``out`` itself if the export created it."""
+    for name in WRITTEN:
+        (out / name).unlink(missing_ok=True)
+        (out / f".{name}.tmp").unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
+def delivered_reference(run: RunAdapter, values: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's data config, the reference the record carries): the cloud model with ``values`` (run keys, the
+    delivery decoded back) and its logits on the first test sentences, for the edge's max_abs_logit_diff."""
+    from airlora.data import load_splits
+
+    data = _data_dict(run)
+    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
+    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
+    model, tokenizer = cloud_model(run, values)
+    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
+    return data, {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
 
 
 def write_json_bytes(path: Path, data: bytes) -> None:

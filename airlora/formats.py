@@ -4,10 +4,11 @@
   lora_E = λ (r, 1), with ranknum and lora_alpha carrying the scaling (``airlora.export``). Only PEFT (or
   ``airlora edge``) loads it.
 - 'lora': PEFT's plain LoRA, which serving and on-device tools read (vLLM, llama.cpp's converter, merging tools).
-  λ and the scaling are folded into lora_A: lora_A = diag(scaling·λ)·Q (r, d_in), lora_B = P (d_out, r), so
-  ΔW = lora_B·lora_A exactly as the run's ``SVDLinear`` computes it (which folds the same way, ``Q * (λ·scaling)``);
-  each module's rank and alpha go in ``rank_pattern`` / ``alpha_pattern`` (equal, so LoRA's own scaling is 1). A
-  triplet then costs one value fewer on the air than in AdaLoRA form (``Codec.factor_bits``).
+  λ and the scaling are folded into lora_A: lora_A = diag(c·λ)·Q (r, d_in), lora_B = P (d_out, r) with
+  c = scaling · r / lora_alpha, so LoRA's ΔW = (lora_alpha / r)·lora_B·lora_A = scaling·P·diag(λ)·Q, the run's
+  (its ``SVDLinear`` folds the same way, ``Q * (λ·scaling)``). Each module's rank r goes in ``rank_pattern``, one
+  lora_alpha for all (``bundle.lora_adapter_config`` says why). A triplet then costs one value fewer on the air than
+  in AdaLoRA form (``Codec.factor_bits``).
 - 'gguf': the plain LoRA factors in llama.cpp's GGUF LoRA adapter (``airlora.gguf_adapter``), Llama decoders only.
 
 Why λ goes into lora_A rather than split between the factors: the codecs are relative per row (fp16) or per group
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from airlora.bundle import LORA_SUFFIX, PEFT_PREFIX, factor_part
+from airlora.bundle import LORA_ALPHA, LORA_SUFFIX, PEFT_PREFIX, factor_part
 from airlora.codecs import codec
 from airlora.errors import AirloraError
 
@@ -44,14 +45,15 @@ def check_format(adapter_format: str) -> str:
 
 
 def lora_tensors(run: RunAdapter) -> dict[str, torch.Tensor]:
-    """The adapter as plain LoRA under PEFT's keys, fp32: lora_A = diag(scaling·λ)·Q (r, d_in), lora_B = P
-    (d_out, r) for every module of rank r > 0, then the head (``base_model.model.{name}``)."""
+    """The adapter as plain LoRA under PEFT's keys, fp32: lora_A = diag(c·λ)·Q (r, d_in) with c = scaling·r /
+    lora_alpha, lora_B = P (d_out, r) for every module of rank r > 0, then the head (``base_model.model.{name}``)."""
     out = {}
     for key, rank in run.ranks.items():
         if rank:
             name = f"{PEFT_PREFIX}{run.module_names[key]}"
             lam = run.tensors[f"{key}.lora_E"].float().view(-1)  # (r,)
-            out[f"{name}.lora_A{LORA_SUFFIX}"] = run.tensors[f"{key}.lora_A"].float() * (lam * run.scaling)[:, None]
+            c = run.scaling * rank / LORA_ALPHA
+            out[f"{name}.lora_A{LORA_SUFFIX}"] = run.tensors[f"{key}.lora_A"].float() * (lam * c)[:, None]
             out[f"{name}.lora_B{LORA_SUFFIX}"] = run.tensors[f"{key}.lora_B"].float().clone()
     out.update({f"{PEFT_PREFIX}{name}": t.float() for name, t in run.head.items()})
     return out
@@ -59,7 +61,7 @@ def lora_tensors(run: RunAdapter) -> dict[str, torch.Tensor]:
 
 def run_tensors_from_lora(run: RunAdapter, peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LoRA-keyed tensors (e.g. a payload decoded back) under the run's keys, for ``export.cloud_model``: Q = lora_A,
-    P = lora_B and λ = 1/scaling, so the run's scaling·P·diag(λ)·Q is lora_B·lora_A again."""
+    P = lora_B and λ = lora_alpha / (r·scaling), so the run's scaling·P·diag(λ)·Q is LoRA's (lora_alpha / r)·B·A."""
     key_of = {run.module_names[key]: key for key in run.ranks}
     out = {}
     for name, value in peft.items():
@@ -69,7 +71,8 @@ def run_tensors_from_lora(run: RunAdapter, peft: dict[str, torch.Tensor]) -> dic
             continue
         out[f"{key_of[owner]}.{part}"] = value
         if part == "lora_A":
-            out[f"{key_of[owner]}.lora_E"] = torch.full((value.shape[0], 1), 1.0 / run.scaling)
+            rank = value.shape[0]
+            out[f"{key_of[owner]}.lora_E"] = torch.full((rank, 1), LORA_ALPHA / (rank * run.scaling))
     return out
 
 

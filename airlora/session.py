@@ -135,7 +135,7 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     seed = config.train.seed
     seed_everything(seed)
-    model, tokenizer, model_dir = loader.model(config.model)
+    model, tokenizer, model_dir = loader.model(config.model, config.data)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
     if config.train.fast_dropout:

@@ -65,7 +65,7 @@ def test_lora_export_loads_as_plain_lora_and_equals_the_adalora_delivery(family_
         module = edge.base_model.model.get_submodule(run.module_names[key])
         assert (not hasattr(module, "lora_A")) if rank == 0 else module.lora_A["default"].weight.shape[0] == rank
         if rank:
-            assert module.scaling["default"] == 1.0  # the scaling travels in the factors
+            assert module.scaling["default"] == pytest.approx(config["lora_alpha"] / rank)  # alpha / r_m per module
     got = reference.logits(edge, model, batch)
     want = reference.logits(plain_peft(model, tmp_path / "adalora"), model, batch)
     merged = reference.logits(reference.merged_model(run_dir), model, batch)  # by hand, no PEFT
