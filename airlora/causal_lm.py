@@ -22,7 +22,6 @@ Shapes: B batch, L tokens, H hidden size, K label words.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,15 +81,3 @@ def label_token_ids(tokenizer: Any, prompt: str, label_words: Sequence[str]) -> 
         raise AirloraError(f"data.label_words {label_words!r} begin with the same token ({tokens}); the model scores "
                            "each word's first token, so they must differ")
     return ids
-
-
-def load_label_word_lm(path: Path, tokenizer: Any, prompt: str, label_words: Sequence[str]) -> LabelWordLM:
-    """The checkpoint as a causal LM scoring ``label_words`` after ``prompt`` (see the module docstring)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        causal_lm = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise AirloraError(f"model {str(path)!r} could not be loaded as a causal language model for data.label_words "
-                           f"(a decoder such as Llama or OPT is needed): {err}") from None
-    return LabelWordLM(causal_lm, label_token_ids(tokenizer, prompt, label_words)).eval()

@@ -104,10 +104,14 @@ def load_task_model(path: Path, tokenizer: object, num_labels: int = 2,
     """The checkpoint as the run's task needs it: ``load_classifier``, or the label-word causal LM."""
     if label_words is None:
         return load_classifier(path, tokenizer, num_labels)
-    from airlora.causal_lm import load_label_word_lm
+    from transformers import AutoModelForCausalLM
 
-    with _quiet_loading(path):
-        return load_label_word_lm(path, tokenizer, prompt, label_words)
+    from airlora.causal_lm import LabelWordLM, label_token_ids
+
+    ids = label_token_ids(tokenizer, prompt, label_words)  # before the weights: bad words are caught at once
+    with _quiet_loading(path, "a causal language model (data.label_words needs a decoder such as Llama or OPT)"):
+        causal_lm = AutoModelForCausalLM.from_pretrained(path)
+    return LabelWordLM(causal_lm, ids).eval()
 
 
 def load_tokenizer(path: Path, keep_prompt_end: bool = False) -> object:
@@ -135,7 +139,7 @@ def load_classifier(path: Path, tokenizer: object, num_labels: int = 2) -> nn.Mo
 
 
 @contextlib.contextmanager
-def _quiet_loading(path: Path) -> Iterator[None]:
+def _quiet_loading(path: Path, what: str = "a sequence classifier") -> Iterator[None]:
     """transformers' loading notices and bars off (the "classifier newly initialised" notice is expected: we train
     the head; a "Loading weights" bar on stderr would stand before any error message); a failure is one clear
     error."""
@@ -147,7 +151,7 @@ def _quiet_loading(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as err:
-        raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
+        raise AirloraError(f"model {str(path)!r} could not be loaded as {what}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
