@@ -63,7 +63,14 @@ def smollm2_dir() -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        read = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # transformers marks a model read from a GGUF as quantised and refuses to save it ("not serializable"),
+        # though its weights are plain floats: the same weights go into a model built from the bare config
+        config = read.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(read.state_dict())
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path)}) + "\n", encoding="utf-8")
