@@ -40,6 +40,10 @@ PEFT_PREFIX = "base_model.model."
 """Prefix of every tensor key in a PEFT adapter file."""
 PEFT_PARTS = ("lora_A", "lora_B", "lora_E")
 """Tensor names of one adapted module in PEFT's AdaLoRA: Q_a, P_a and λ_a."""
+LORA_ALPHA = 1.0
+"""lora_alpha of a plain LoRA delivery: module m is scaled by LORA_ALPHA / r_m, its rank (``lora_adapter_config``)."""
+LORA_SUFFIX = ".weight"
+"""PEFT's plain LoRA keeps lora_A and lora_B as linear layers: its keys end ``.lora_A.weight``, ``.lora_B.weight``."""
 PEFT_PAYLOAD = "adapter_model.safetensors"
 QUANTISED_PAYLOAD = "adapter_model.quantised.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -56,6 +60,16 @@ _DTYPE_ORDER = {"U8": 0, "I8": 1, "F16": 2, "BF16": 3, "F32": 4}
 """safetensors writes tensors by dtype (this order, descending), then by name."""
 
 
+def factor_part(key: str) -> tuple[str, str | None]:
+    """(module, part) of a payload key: part 'lora_A', 'lora_B' or 'lora_E' for an adapter factor, in the AdaLoRA
+    (``{module}.lora_A``) or the plain LoRA (``{module}.lora_A.weight``) form; None for a head parameter."""
+    for name in (key.removesuffix(LORA_SUFFIX), key):
+        owner, _, part = name.rpartition(".")
+        if part in PEFT_PARTS and (name == key or part != "lora_E"):
+            return owner, part
+    return key, None
+
+
 def _layout(bits: int, shape: tuple[int, ...], part: str | None) -> tuple[tuple[int, ...], int]:
     """(shape the codec rows are taken from, codec bits) of one tensor: lora_B goes triplet-major, λ by its codec."""
     c = codec(bits)
@@ -68,7 +82,7 @@ def _layout(bits: int, shape: tuple[int, ...], part: str | None) -> tuple[tuple[
 
 def encode_tensor(key: str, value: torch.Tensor, bits: int) -> tuple[dict[str, torch.Tensor], list[int]]:
     """The payload tensors carrying ``value`` under ``key`` at ``bits`` and its ``airlora_codecs`` entry."""
-    part = key.rpartition(".")[2] if key.rpartition(".")[2] in PEFT_PARTS else None
+    part = factor_part(key)[1]
     rows_shape, used = _layout(bits, tuple(value.shape), part)
     rows = value.T if rows_shape != tuple(value.shape) else value
     return ({f"{key}{suffix}": t for suffix, t in encode(CODECS[used], rows.contiguous()).items()},
@@ -79,7 +93,7 @@ def decode_tensors(tensors: dict[str, torch.Tensor], codecs: dict[str, list[int]
     """The fp32 PEFT tensors of a payload (the edge's dequantisation), under their PEFT keys and shapes."""
     out = {}
     for key, (bits, *shape) in codecs.items():
-        part = key.rpartition(".")[2] if key.rpartition(".")[2] in PEFT_PARTS else None
+        part = factor_part(key)[1]
         rows_shape, used = _layout(bits, tuple(shape), part)
         parts = {suffix: tensors[f"{key}{suffix}"] for suffix in ("", ".scale") if f"{key}{suffix}" in tensors}
         value = decode(CODECS[used], parts, rows_shape)
@@ -89,7 +103,7 @@ def decode_tensors(tensors: dict[str, torch.Tensor], codecs: dict[str, list[int]
 
 def stored_specs(key: str, shape: tuple[int, ...], bits: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(tensor key, safetensors dtype, stored shape) of what ``encode_tensor`` writes, without any data (templates)."""
-    part = key.rpartition(".")[2] if key.rpartition(".")[2] in PEFT_PARTS else None
+    part = factor_part(key)[1]
     rows_shape, used = _layout(bits, shape, part)
     c = CODECS[used]
     if not c.integer:
@@ -124,7 +138,7 @@ def payload_file(codecs: dict[str, list[int]]) -> str:
 
 
 def adapter_config(module_ranks: dict[str, int], r_max: int, scaling: float, model_dir: str,
-                   head_names: list[str], total_step: int) -> dict[str, Any]:
+                   head_names: list[str], total_step: int, task_type: str = "SEQ_CLS") -> dict[str, Any]:
     """PEFT's AdaLoraConfig as JSON, with only the fields that differ from PEFT's defaults (PEFT fills the rest).
 
     Written here rather than by ``AdaLoraConfig.save_pretrained`` so the budget knows its bytes before training
@@ -135,7 +149,7 @@ def adapter_config(module_ranks: dict[str, int], r_max: int, scaling: float, mod
     targeted = {name: rank for name, rank in module_ranks.items() if rank}
     return {
         "peft_type": "ADALORA",
-        "task_type": "SEQ_CLS",
+        "task_type": task_type,
         "base_model_name_or_path": model_dir,
         "init_r": r_max,
         "target_r": max(1, round(float(np.mean(list(module_ranks.values()))))) if module_ranks else 1,
@@ -149,20 +163,46 @@ def adapter_config(module_ranks: dict[str, int], r_max: int, scaling: float, mod
     }
 
 
+def lora_adapter_config(module_ranks: dict[str, int], model_dir: str, head_names: list[str],
+                        task_type: str = "SEQ_CLS") -> dict[str, Any]:
+    """PEFT's LoraConfig as JSON for factors with λ and the scaling folded in (``airlora.formats``), only the fields
+    that differ from PEFT's defaults.
+
+    Each targeted module's rank r_m is in ``rank_pattern``; one ``lora_alpha`` = ``LORA_ALPHA`` for all, so a tool
+    scales module m by lora_alpha / r_m, PEFT and llama.cpp alike (its converter reads one lora_alpha and divides by
+    each tensor's rank; it ignores an ``alpha_pattern``, which is why none is sent). The factors carry r_m / lora_alpha
+    to match (``formats.lora_tensors``), so ΔW is the run's whatever the tool.
+    """
+    targeted = {name: rank for name, rank in sorted(module_ranks.items()) if rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": model_dir,
+        "r": max(targeted.values(), default=1),
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targeted),
+        "rank_pattern": targeted,
+        "modules_to_save": sorted({name.rpartition(".")[0] for name in head_names}),
+        "inference_mode": True,
+    }
+
+
 def json_bytes(data: dict[str, Any]) -> bytes:
     """How the delivery's JSON files are written (and so what is compressed onto the air)."""
     return (json.dumps(data, indent=1) + "\n").encode()
 
 
 def manifest(payload: str, sha256: dict[str, str], ranks: dict[str, int], precisions: dict[str, int],
-             head_bits: int, model_dir: str, num_labels: int = 2) -> dict[str, Any]:
+             head_bits: int, model_dir: str, num_labels: int = 2, adapter_format: str = "adalora") -> dict[str, Any]:
     """delivery.json: what the device needs besides the payload and its config (sent, so counted).
 
     ``num_labels``: the classes the head outputs, which the device builds the base model's head with; sent only where
-    it is not 2, so a binary delivery (every delivery before multi-class tasks) keeps its bytes on the air.
+    it is not 2, so a binary delivery keeps its bytes on the air. ``adapter_format``: 'adalora', 'lora' or 'gguf'
+    (``airlora.formats``).
     """
-    sent = {"format": MANIFEST_FORMAT, "payload_file": payload, "sha256": sha256, "ranks": ranks,
-            "precisions": precisions, "head_bits": head_bits, "model_dir": model_dir}
+    sent = {"format": MANIFEST_FORMAT, "adapter_format": adapter_format, "payload_file": payload, "sha256": sha256,
+            "ranks": ranks, "precisions": precisions, "head_bits": head_bits, "model_dir": model_dir}
     return sent if num_labels == 2 else sent | {"num_labels": num_labels}
 
 

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder for the PEFT adapter, its delivery manifest and its model "
                         "card (README.md)")
     export.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    export.add_argument("--format", dest="adapter_format", choices=["adalora", "lora", "gguf"], default="adalora",
+                        help="adalora: PEFT AdaLoRA, the triplets as trained (default); lora: plain PEFT LoRA with λ "
+                             "and the scaling folded in, for any LoRA tool; gguf: llama.cpp's GGUF LoRA adapter "
+                             "(Llama decoders); see docs/delivery-formats.md")
 
     sweep = sub.add_parser("sweep", help="run a grid of runs from a sweep file (resumable); writes results.jsonl")
     sweep.add_argument("sweep_file", help="sweep YAML/JSON, e.g. configs/smoke.yaml")
@@ -135,9 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     edge = sub.add_parser("edge", help="as the device: verify a delivery, attach it with PEFT, evaluate; prints JSON")
     edge.add_argument("adapter_dir", help="the --out folder of `airlora export`")
-    edge.add_argument("--base", required=True, help="base model folder ('minilm' for the packaged one)")
+    edge.add_argument("--base", required=True,
+                      help="base model folder ('minilm', 'smollm2-135m' for the packaged ones)")
     edge.add_argument("--data", help="test data (default: the run's own test split)")
     edge.add_argument("--sha256", help="payload SHA-256 the sender printed; must match too")
+    edge.add_argument("--runtime", choices=["peft", "llama.cpp"], default="peft",
+                      help="peft: transformers + PEFT (default); llama.cpp: a --format gguf delivery on the base "
+                           "model's GGUF (--base: a .gguf file, 'smollm2-135m' or a folder prepared from a GGUF), "
+                           "needs pip install 'airlora[llamacpp]'")
     return parser
 
 
@@ -237,16 +246,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from airlora.codecs import sent_bits
     from airlora.export import export_adapter
 
-    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line)
+    m = export_adapter(args.run_dir, args.bits, Path(args.out), overwrite=args.overwrite, command=args.command_line,
+                       adapter_format=args.adapter_format)
     fits = "fits" if m["fits_t_max"] else "OVER T_max"
     used = sent_bits(m["ranks"], m["precisions"])
     what = (f"{m['bits_per_param']} bits/value" if m["bits_per_param"]
             else f"modules at {'/'.join(map(str, used))} bits, head at {m['head_bits']}")
-    print(f"exported {m['run_dir']} -> {args.out} (PEFT AdaLoRA adapter, {what}"
+    print(f"exported {m['run_dir']} -> {args.out} ({_FORMAT_TEXT[m['adapter_format']]}, {what}"
           f"{'' if m['precisions_of_run'] else '; not the precisions the run chose'})")
     print(f"payload {m['payload_bytes']:,} bytes + scales {m['scale_bytes']:,} bytes ({m['transmitted_params']:,} "
           f"params)")
-    print(f"overhead {m['overhead_bytes']:,} bytes on the air (zlib of safetensors header {m['header_bytes']:,}, "
+    print(f"overhead {m['overhead_bytes']:,} bytes on the air (zlib of "
+          f"{'the GGUF file besides its tensors' if m['adapter_format'] == 'gguf' else 'safetensors header'} "
+          f"{m['header_bytes']:,}, "
           f"adapter_config.json {m['config_bytes']:,}, delivery.json {m['manifest_bytes']:,}: "
           f"{m['overhead_raw_bytes']:,} bytes raw)" + (f"; the run reserved {m['reserved_overhead_bytes']:,}"
                                                        if m["reserved_overhead_bytes"] is not None else ""))
@@ -255,6 +267,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"sha256 {m['sha256'][m['payload_file']]}  {m['payload_file']}")
     print(f"model card {Path(args.out) / 'README.md'}")
     return 0
+
+
+_FORMAT_TEXT = {"adalora": "PEFT AdaLoRA adapter", "lora": "PEFT LoRA adapter", "gguf": "GGUF LoRA adapter"}
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
@@ -307,9 +322,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_edge(args: argparse.Namespace) -> int:
     import json
 
-    from airlora.edge import edge_evaluate
+    if args.runtime == "llama.cpp":
+        from airlora.edge_llamacpp import llamacpp_evaluate
 
-    result = edge_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
+        result = llamacpp_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
+    else:
+        from airlora.edge import edge_evaluate
+
+        result = edge_evaluate(args.adapter_dir, args.base, data=args.data, expected_sha256=args.sha256)
     print(json.dumps(result, indent=2))
     return 0
 

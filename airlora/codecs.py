@@ -79,7 +79,12 @@ class Codec:
 
     def unit_bits(self, d_in: int, d_out: int) -> int:
         """Bits per unit rank of a (d_in → d_out) module: one Q row, one P column and one λ. Exact."""
-        return self.row_bits(d_in) + self.row_bits(d_out) + self.lambda_bits
+        return self.factor_bits(d_in, d_out) + self.lambda_bits
+
+    def factor_bits(self, d_in: int, d_out: int) -> int:
+        """Bits per unit rank of a module sent as plain LoRA factors (λ and the scaling folded into lora_A's row,
+        ``airlora.formats``): one lora_A row and one lora_B column, one value fewer per triplet than ``unit_bits``."""
+        return self.row_bits(d_in) + self.row_bits(d_out)
 
     def tensor_bits(self, shape: tuple[int, ...]) -> int:
         """Bits of a whole tensor (the task head), quantised along its last dimension, one row per leading index."""

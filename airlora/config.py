@@ -159,6 +159,11 @@ class DataConfig:
     """Cap on training examples (None: all), for quick runs."""
     vocab_file: str | None = None
     """Word list (one word per line) for the OOV rate; None uses the tokenizer's whole-word tokens."""
+    label_words: tuple[str, ...] | None = None
+    """Fine-tune a decoder as a causal LM: one word per class, label 0's first (e.g. [' negative', ' positive']),
+    each scored by its first token after the prompt; no task head (``airlora.causal_lm``). None: a classifier."""
+    prompt: str = "{sentence}"
+    """Template every example is put in ('{sentence}' marks where), e.g. 'Tweet: {sentence}\nSentiment:'."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.source, str) and self.source != "", "data.source", "a non-empty string", self.source)
@@ -172,6 +177,21 @@ class DataConfig:
                self.val_subset)
         _check(self.max_train_examples is None or self.max_train_examples >= 1, "data.max_train_examples",
                "null or an integer >= 1", self.max_train_examples)
+        _check(self.label_words is None or (isinstance(self.label_words, tuple) and len(self.label_words) >= 2 and
+                                            all(isinstance(w, str) and w.strip() for w in self.label_words)),
+               "data.label_words", "null or a list of non-empty words, one per class (label 0's first)",
+               self.label_words)
+        _check(isinstance(self.prompt, str) and self.prompt.count("{sentence}") == 1 and _formats(self.prompt),
+               "data.prompt", "a template with '{sentence}' once and no other {field}", self.prompt)
+
+
+def _formats(template: str) -> bool:
+    """Whether ``template`` formats with ``sentence`` alone."""
+    try:
+        template.format(sentence="")
+    except (KeyError, IndexError, ValueError):
+        return False
+    return True
 
 
 @dataclass

@@ -73,6 +73,10 @@ class TextSplit:
         """The examples at positions ``rows``, in that order."""
         return TextSplit([self.sentences[i] for i in rows], self.labels[rows])
 
+    def in_prompt(self, prompt: str) -> TextSplit:
+        """Every sentence put in ``prompt`` (``DataConfig.prompt``, '{sentence}' marking where)."""
+        return TextSplit([prompt.format(sentence=s) for s in self.sentences], self.labels)
+
 
 def split_statistics(split: TextSplit, vocabulary: set[str]) -> dict[str, float]:
     """Dataset-level statistics of a split: normalised lexical entropy, entropy in nats and OOV rate (all its words)."""
@@ -165,6 +169,9 @@ def make_splits(read: Source, config: DataConfig, seed: int) -> Splits:
         train = train.take(np.sort(rng.permutation(len(train))[: config.max_train_examples]))
     splits = Splits(name, train, held.get("validation", validation), held.get("test", test))
     _check_trained_classes(splits, set(held), where)
+    if config.prompt != "{sentence}":  # after the seeded draws, so a prompt changes no split's membership
+        splits = Splits(name, *(split.in_prompt(config.prompt) for split in (splits.train, splits.validation,
+                                                                             splits.test)))
     return splits
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from airlora import bundle
-from airlora.bundle import MANIFEST_FILE, PEFT_PARTS, PEFT_PREFIX, RECORD_FILE
+from airlora.bundle import MANIFEST_FILE, PEFT_PREFIX, RECORD_FILE
 from airlora.codecs import common_bits
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
@@ -106,10 +106,12 @@ def check_base(adir: Path, manifest: dict[str, Any], base: torch.nn.Module, base
     """Every delivered tensor must fit ``base``: its module is a linear layer of matching size, its head parameter
     exists with the same shape. Otherwise the delivery was built for another base model."""
     modules, params = dict(base.named_modules()), dict(base.named_parameters())
-    for key, shape in payload_shapes(adir / manifest["payload_file"]).items():
+    shapes = ({key: tuple(t.shape) for key, t in _gguf_lora(adir, manifest, base).items()}
+              if manifest.get("adapter_format") == "gguf" else payload_shapes(adir / manifest["payload_file"]))
+    for key, shape in shapes.items():
         name = key.removeprefix(PEFT_PREFIX)
-        owner, _, part = name.rpartition(".")
-        if part in PEFT_PARTS:
+        owner, part = bundle.factor_part(name)
+        if part is not None:
             module = modules.get(owner)
             if not isinstance(module, torch.nn.Linear):
                 problem = f"has no linear layer {owner!r}"
@@ -131,8 +133,16 @@ def check_base(adir: Path, manifest: dict[str, Any], base: torch.nn.Module, base
 
 
 def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch.nn.Module:
-    """``base`` with the delivered adapter attached by ``PeftModel.from_pretrained`` (integer codecs decoded first)."""
+    """``base`` with the delivered adapter attached by ``PeftModel.from_pretrained`` (integer codecs decoded first).
+    A causal LM scored on label words (``airlora.causal_lm``) gets it on its plain causal LM, as any tool would load
+    it, and is returned as the scorer."""
     from peft import PeftModel
+
+    from airlora.causal_lm import LabelWordLM
+
+    if isinstance(base, LabelWordLM):
+        attach(adir, manifest, base.causal_lm)  # LoRA layers go into the modules the scorer shares
+        return base.eval()
 
     with warnings.catch_warnings():
         # PEFT's LoRA-level check reads AdaLoRA's rank_pattern (mask lists) as LoRA rank patterns and warns that they
@@ -140,14 +150,35 @@ def attach(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> torch
         warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match")
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
         path = adir / manifest["payload_file"]
+        if manifest.get("adapter_format") == "gguf" and not any(manifest["ranks"].values()):
+            return base.eval()  # a GGUF adapter carries no head: with every rank 0 it changes nothing
         if not any(manifest["ranks"].values()):
             return _head_only(base, path)
+        if manifest.get("adapter_format") == "gguf":  # read back into plain LoRA, as llama.cpp computes with it
+            weights = _gguf_lora(adir, manifest, base)
+            config = bundle.lora_adapter_config({name.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight"):
+                                                 t.shape[0] for name, t in weights.items() if ".lora_A." in name},
+                                                manifest["model_dir"], [], "CAUSAL_LM")
+            with tempfile.TemporaryDirectory(prefix="airlora-edge-") as tmp:
+                save_file(weights, str(Path(tmp) / bundle.PEFT_PAYLOAD))
+                (Path(tmp) / bundle.CONFIG_FILE).write_bytes(bundle.json_bytes(config))
+                return PeftModel.from_pretrained(base, tmp).eval()
         if manifest["payload_file"] == bundle.PEFT_PAYLOAD:
             return PeftModel.from_pretrained(base, str(adir)).eval()
         weights = _decoded(path)
         with tempfile.TemporaryDirectory(prefix="airlora-edge-") as tmp:
             copy_for_peft(adir, Path(tmp), weights)
             return PeftModel.from_pretrained(base, tmp).eval()  # weights are copied in: the folder may go
+
+
+def _gguf_lora(adir: Path, manifest: dict[str, Any], base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A GGUF delivery's factors as plain LoRA tensors under PEFT keys, for ``base`` (``gguf_adapter.read_gguf``)."""
+    from airlora.gguf_adapter import read_gguf
+    from airlora.models import resolve_modules
+
+    names = resolve_modules(base).names
+    ranked = {key: names[key] for key, rank in manifest["ranks"].items() if rank and key in names}
+    return read_gguf(adir / manifest["payload_file"], ranked, base.config)
 
 
 def _decoded(path: Path) -> dict[str, torch.Tensor]:
@@ -189,8 +220,11 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     adir = Path(adir)
     manifest = verify_delivery(adir, expected_sha256)
     record = read_record(adir)
+    data_config = dict(record["data"], **({"source": data} if data else {}))
+    config = from_dict(DataConfig, data_config, "data.")
     seed_everything(record["seed"])  # weights a checkpoint lacks are drawn as the cloud drew them
-    model, tokenizer, _ = load_model(base, delivered_num_labels(manifest))
+    model, tokenizer, _ = load_model(base, delivered_num_labels(manifest), label_words=config.label_words,
+                                     prompt=config.prompt)
     check_base(adir, manifest, model, base)
     model = attach(adir, manifest, model.eval())
 
@@ -198,8 +232,6 @@ def edge_evaluate(adir: str | Path, base: str, data: str | None = None,
     edge_logits = reference_logits(model, tokenizer, ref["sentences"], ref["max_length"])
     logit_diff = float((edge_logits - torch.tensor(ref["logits"])).abs().max())
 
-    data_config = dict(record["data"], **({"source": data} if data else {}))
-    config = from_dict(DataConfig, data_config, "data.")
     splits = load_splits(config, record["seed"])
     if splits.num_labels != delivered_num_labels(manifest):
         raise AirloraError(f"--data {config.source!r} has {splits.num_labels} classes but the delivered head outputs "

@@ -43,11 +43,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from airlora import bundle
+from airlora import bundle, formats
 from airlora.bundle import CONFIG_FILE, MANIFEST_FILE, PEFT_PARTS, PEFT_PAYLOAD, PEFT_PREFIX, RECORD_FILE
 from airlora.codecs import CODECS, common_bits
 from airlora.config import DataConfig, RunConfig, from_dict
 from airlora.errors import AirloraError
+from airlora.formats import check_format
 from airlora.io import atomic_path, write_json_atomic, write_text_atomic
 from airlora.model_card import CARD_FILE, model_card
 from airlora.ranks import validate_ranks
@@ -176,11 +177,12 @@ class RunAdapter:
         out.update({f"{PEFT_PREFIX}{name}": t.float() for name, t in self.head.items()})
         return out
 
-    def peft_bits(self, precisions: dict[str, int], head_bits: int) -> dict[str, int]:
-        """The precision of each PEFT tensor key: its module's, or the head's."""
-        module_of = {f"{PEFT_PREFIX}{self.module_names[key]}": key for key in self.ranks}
-        return {name: (precisions[module_of[name.rpartition(".")[0]]] if name.rpartition(".")[2] in PEFT_PARTS
-                       else head_bits) for name in self.peft_tensors()}
+    def peft_bits(self, keys: list[str], precisions: dict[str, int], head_bits: int) -> dict[str, int]:
+        """The precision of each PEFT tensor key (AdaLoRA or LoRA form): its module's, or the head's."""
+        module_of = {self.module_names[key]: key for key in self.ranks}
+        parts = {name: bundle.factor_part(name.removeprefix(PEFT_PREFIX)) for name in keys}
+        return {name: head_bits if part is None else precisions[module_of[owner]]
+                for name, (owner, part) in parts.items()}
 
     def run_tensors(self, peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT-keyed tensors back under the run's own keys (``{key}.lora_A`` …, ``head.{name}``)."""
@@ -191,11 +193,14 @@ class RunAdapter:
             out[f"{key_of[owner]}.{part}" if part in PEFT_PARTS else f"head.{name.removeprefix(PEFT_PREFIX)}"] = value
         return out
 
-    def adapter_config(self) -> dict[str, Any]:
-        """PEFT's AdaLoraConfig for this adapter (``bundle.adapter_config``)."""
-        return bundle.adapter_config({self.module_names[k]: r for k, r in self.ranks.items()}, self.r_max,
-                                     self.scaling, self.model_dir, list(self.head),
-                                     int(self.summary.get("steps", 1)))
+    def adapter_config(self, adapter_format: str = "adalora") -> dict[str, Any]:
+        """PEFT's AdaLoraConfig (``bundle.adapter_config``) or LoraConfig (``bundle.lora_adapter_config``)."""
+        module_ranks = {self.module_names[k]: r for k, r in self.ranks.items()}
+        task = "SEQ_CLS" if self.config.data.label_words is None else "CAUSAL_LM"  # PEFT loads it on such a model
+        if adapter_format == "lora":
+            return bundle.lora_adapter_config(module_ranks, self.model_dir, list(self.head), task)
+        return bundle.adapter_config(module_ranks, self.r_max, self.scaling, self.model_dir, list(self.head),
+                                     int(self.summary.get("steps", 1)), task)
 
 
 def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, Any]:
@@ -207,7 +212,8 @@ def cloud_model(run: RunAdapter, tensors: dict[str, torch.Tensor] | None = None)
 
     values = run.tensors if tensors is None else tensors
     seed_everything(run.config.train.seed)  # weights the checkpoint lacks are drawn exactly as in training
-    model, tokenizer, _ = load_model(run.model_dir, run.num_labels)
+    data = run.config.data
+    model, tokenizer, _ = load_model(run.model_dir, run.num_labels, label_words=data.label_words, prompt=data.prompt)
     module_map = resolve_modules(model, run.config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, run.config.adapter, run.config.train.seed)
     adapters.set_ranks(run.ranks)
@@ -242,9 +248,9 @@ def _data_dict(run: RunAdapter) -> dict[str, Any]:
 
 
 def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overwrite: bool = False,
-                   command: str | None = None) -> dict[str, Any]:
+                   command: str | None = None, adapter_format: str = "adalora") -> dict[str, Any]:
     """Write the run's adapter to ``out`` in PEFT format with its model card; return the manifest and the record as
-    one dict.
+    one dict. ``adapter_format``: 'adalora' (default) or 'lora' (``airlora.formats``).
 
     ``bits`` None delivers every module at the precision the run chose (and budgeted); a number sends every module
     and the head at that codec (e.g. a post-hoc int8 export of an fp32 run). Everything that can fail on bad input
@@ -254,24 +260,29 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
     """
     if bits is not None and bits not in CODECS:
         raise AirloraError(f"--bits {bits!r} is not allowed; expected one of {', '.join(map(str, sorted(CODECS)))}")
+    check_format(adapter_format)
     run = RunAdapter(run_dir)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AirloraError(f"--out {str(out)!r} is a file; expected a folder (new or empty) for the export")
     if (out / MANIFEST_FILE).exists() and not overwrite:
         raise AirloraError(f"--out {str(out)!r} already holds an export; choose another folder or --overwrite")
-    tensors = run.peft_tensors()
+    tensors = run.peft_tensors() if adapter_format == "adalora" else formats.lora_tensors(run)
     params = sum(t.numel() for t in tensors.values())
-    if params != run.summary.get("transmitted_params"):
+    if params != formats.sent_params(adapter_format, run.ranks, run.summary.get("transmitted_params", -1)):
         raise AirloraError(f"{run.run_dir}/adapter.safetensors holds {params:,} parameters but summary.json reports "
                            f"transmitted_params = {run.summary.get('transmitted_params')!r}; the run folder is "
                            "inconsistent")
     precisions = run.precisions if bits is None else dict.fromkeys(run.ranks, bits)
     head_bits = run.head_bits if bits is None else bits
+    if adapter_format == "gguf":
+        from airlora.gguf_export import export_gguf
+
+        return export_gguf(run, tensors, precisions, out, command)
     as_run = precisions == run.precisions and head_bits == run.head_bits  # what the run chose and budgeted
     # 1. the payload: each tensor at its module's codec (or the head's)
     payload, codecs = {}, {}
-    for key, bits_of_key in run.peft_bits(precisions, head_bits).items():
+    for key, bits_of_key in run.peft_bits(list(tensors), precisions, head_bits).items():
         encoded, codecs[key] = bundle.encode_tensor(key, tensors[key], bits_of_key)
         payload.update(encoded)
     if not all(torch.isfinite(t).all() for t in payload.values() if t.is_floating_point()):
@@ -279,45 +290,70 @@ def export_adapter(run_dir: str | Path, bits: int | None, out: str | Path, overw
                            "bf16 scales have fp32's range)")
 
     # 2. the cloud model as delivered (the payload decoded back), its logits on a fixed batch for the edge
-    from airlora.data import load_splits
-
-    data = _data_dict(run)
-    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
-    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
-    model, tokenizer = cloud_model(run, run.run_tensors(bundle.decode_tensors(payload, codecs)))
-    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
-    reference = {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
+    decoded = bundle.decode_tensors(payload, codecs)
+    data, reference = delivered_reference(run, run.run_tensors(decoded) if adapter_format == "adalora"
+                                          else formats.run_tensors_from_lora(run, decoded))
 
     # 3. the files, the manifest and the record last: a failure removes what was written
     payload_file = bundle.payload_file(codecs)
-    written = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
-               "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
+    created = open_out(out)
+    try:
+        with atomic_path(out / payload_file) as tmp:
+            save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
+        write_json_bytes(out / CONFIG_FILE, bundle.json_bytes(run.adapter_config(adapter_format)))
+        sums = {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
+        sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir, run.num_labels,
+                               adapter_format)
+        write_json_bytes(out / MANIFEST_FILE, bundle.json_bytes(sent))
+        record = _record(run, out, payload_file, payload, precisions, head_bits, params, as_run, data, reference,
+                         adapter_format)
+        write_json_atomic(out / RECORD_FILE, record)
+        write_text_atomic(out / CARD_FILE, model_card(run.config, run.summary, run.model_dir, sent, record, command))
+    except BaseException:
+        remove_export(out, created)
+        raise
+    return sent | record
+
+
+WRITTEN = (CONFIG_FILE, MANIFEST_FILE, RECORD_FILE, CARD_FILE, bundle.PEFT_PAYLOAD, bundle.QUANTISED_PAYLOAD,
+           "adapter.gguf", "adapter_model.int8.safetensors")  # the last: the one 8-bit file name of earlier exports
+"""Every file an export may write: removed before writing, so none of an earlier export's survives."""
+
+
+def open_out(out: Path) -> bool:
+    """Make ``out`` ready for an export's files (an earlier export's removed); whether it was created."""
     is_export = (out / MANIFEST_FILE).is_file() or (out / RECORD_FILE).is_file()
-    clash = [name for name in written if (out / name).exists()] if out.is_dir() and not is_export else []
+    clash = [name for name in WRITTEN if (out / name).exists()] if out.is_dir() and not is_export else []
     if clash:  # e.g. --out . in a repository: its README.md is not an earlier export's card
         raise AirloraError(f"--out {out} already holds {', '.join(clash)} and is not an airlora export; choose an "
                            "empty folder or an earlier export's")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in written:
+    for stale in WRITTEN:
         (out / stale).unlink(missing_ok=True)  # a manifest that outlives its payload would vouch for the wrong file
-    try:
-        with atomic_path(out / payload_file) as tmp:
-            save_file(payload, str(tmp), metadata=bundle.payload_metadata(codecs))
-        write_json_bytes(out / CONFIG_FILE, bundle.json_bytes(run.adapter_config()))
-        sums = {payload_file: sha256_file(out / payload_file), CONFIG_FILE: sha256_file(out / CONFIG_FILE)}
-        sent = bundle.manifest(payload_file, sums, run.ranks, precisions, head_bits, run.model_dir, run.num_labels)
-        write_json_bytes(out / MANIFEST_FILE, bundle.json_bytes(sent))
-        record = _record(run, out, payload_file, payload, precisions, head_bits, params, as_run, data, reference)
-        write_json_atomic(out / RECORD_FILE, record)
-        write_text_atomic(out / CARD_FILE, model_card(run.config, run.summary, run.model_dir, sent, record, command))
-    except BaseException:
-        for name in written:  # (a temporary file removes itself)
-            (out / name).unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    return sent | record
+    return created
+
+
+def remove_export(out: Path, created: bool) -> None:
+    """Undo a failed export: its files (and temporary files), and ``out`` itself if the export created it."""
+    for name in WRITTEN:
+        (out / name).unlink(missing_ok=True)
+        (out / f".{name}.tmp").unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
+
+
+def delivered_reference(run: RunAdapter, values: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's data config, the reference the record carries): the cloud model with ``values`` (run keys, the
+    delivery decoded back) and its logits on the first test sentences, for the edge's max_abs_logit_diff."""
+    from airlora.data import load_splits
+
+    data = _data_dict(run)
+    splits = load_splits(from_dict(DataConfig, data, "data."), run.config.train.seed)
+    sentences = splits.test.sentences[:REFERENCE_EXAMPLES]
+    model, tokenizer = cloud_model(run, values)
+    logits = reference_logits(model, tokenizer, sentences, run.config.data.max_length)
+    return data, {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
 
 
 def write_json_bytes(path: Path, data: bytes) -> None:
@@ -327,7 +363,7 @@ def write_json_bytes(path: Path, data: bytes) -> None:
 
 def _record(run: RunAdapter, out: Path, payload_file: str, payload: dict[str, torch.Tensor],
             precisions: dict[str, int], head_bits: int, params: int, as_run: bool, data: dict[str, Any],
-            reference: dict[str, Any]) -> dict[str, Any]:
+            reference: dict[str, Any], adapter_format: str) -> dict[str, Any]:
     """delivery_record.json for the files just written to ``out``; the byte accounting must add up exactly."""
     from airlora.codecs import codec
 
@@ -337,7 +373,7 @@ def _record(run: RunAdapter, out: Path, payload_file: str, payload: dict[str, to
     for key, rank in run.ranks.items():
         if rank:  # lora_A is (r, d_in), lora_B (d_out, r)
             d_in, d_out = run.tensors[f"{key}.lora_A"].shape[1], run.tensors[f"{key}.lora_B"].shape[0]
-            expected_bits += rank * codec(precisions[key]).unit_bits(d_in, d_out)
+            expected_bits += rank * formats.module_bits(adapter_format, precisions[key], d_in, d_out)
     header = bundle.header_bytes_of(out / payload_file)
     config, sent = ((out / name).read_bytes() for name in (CONFIG_FILE, MANIFEST_FILE))
     file_bytes = (out / payload_file).stat().st_size

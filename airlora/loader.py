@@ -32,17 +32,19 @@ from torch import nn
 from airlora.batching import EncodedSplit
 from airlora.config import DataConfig
 from airlora.data import Source, TextSplit, read_source, source_files
-from airlora.models import load_classifier, load_model, load_tokenizer, resolve_model_dir
+from airlora.models import load_model, load_task_model, load_tokenizer, resolve_model_dir
 from airlora.textstats import load_vocabulary, reference_vocabulary
 
 
 class Loader:
     """Reads every input afresh for each session: what one ``airlora run`` does."""
 
-    def model(self, name: str, num_labels: int = 2) -> tuple[nn.Module, Any, Path]:
+    def model(self, name: str, num_labels: int = 2, data: DataConfig | None = None) -> tuple[nn.Module, Any, Path]:
         """(model, tokenizer, folder) of ``RunConfig.model`` with a ``num_labels``-way head, as
-        ``airlora.models.load_model``."""
-        return load_model(name, num_labels)
+        ``airlora.models.load_model`` (a causal LM scoring label words when ``data.label_words`` is set)."""
+        words = None if data is None else data.label_words
+        return load_model(name, num_labels, label_words=words,
+                          prompt=data.prompt if data is not None else "{sentence}")
 
     def source(self, source: str) -> Source:
         """A data source as read (``airlora.data.read_source``); the caller must not change it."""
@@ -74,20 +76,23 @@ class WarmCache(Loader):
         """id() of a tokenizer or vocabulary this cache holds -> its key. An id is dropped with its object, so an id
         reused by a later object is never taken for it."""
 
-    def model(self, name: str, num_labels: int = 2) -> tuple[nn.Module, Any, Path]:
+    def model(self, name: str, num_labels: int = 2, data: DataConfig | None = None) -> tuple[nn.Module, Any, Path]:
         """A freshly loaded model (from the page cache after the first run) with the kept tokenizer."""
         path = resolve_model_dir(name)
-        key = ("model", str(path.resolve()), _signature(sorted(p for p in path.iterdir() if p.is_file())))
+        words = None if data is None else data.label_words
+        lm = words is not None  # a causal LM's tokenizer truncates on the left: kept apart from a classifier's
+        key = ("model", str(path.resolve()), _signature(sorted(p for p in path.iterdir() if p.is_file())), lm)
         tokenizer = self._tokenizers.get(key)
         if tokenizer is None:
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(path, lm)
             self._tokenizers.put(key, tokenizer, self._forget)
             self._keys[id(tokenizer)] = key
             self.counts["tokenizer_loads"] += 1
         else:
             self.counts["tokenizer_hits"] += 1
         self.counts["model_loads"] += 1
-        return load_classifier(path, tokenizer, num_labels), tokenizer, path
+        prompt = data.prompt if data is not None else "{sentence}"
+        return load_task_model(path, tokenizer, num_labels, label_words=words, prompt=prompt), tokenizer, path
 
     def source(self, source: str) -> Source:
         """The source as read before, unless one of its files changed since."""

@@ -104,6 +104,11 @@ def model_card(
         'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
         "```",
     ]
+    if config.data.label_words is not None:  # a causal LM scored on label words: no head, the plain causal LM
+        load[2:5] = ["from transformers import AutoModelForCausalLM", "",
+                     f'base = AutoModelForCausalLM.from_pretrained("{base}")']
+        load.insert(-1, f"# class k: the logit of label word k's first token after the prompt {config.data.prompt!r} "
+                        f"(words {list(config.data.label_words)})")
     if not float_payload:
         load = [
             f"The payload, `{sent['payload_file']}`, holds integer codes with bf16 scales, which PEFT cannot load "

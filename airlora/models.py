@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,31 +77,53 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_dir(model: str) -> Path:
-    """'minilm' or a local folder with config.json; anything else is a clear error (there is no hub here)."""
-    path = default_model_dir() if model == "minilm" else Path(model)
+    """'minilm', 'smollm2-135m' (``airlora.packaged_models``) or a local folder with config.json; anything else is a
+    clear error (there is no hub here)."""
+    from airlora.packaged_models import SMOLLM2, smollm2_dir
+
+    path = default_model_dir() if model == "minilm" else smollm2_dir() if model == SMOLLM2 else Path(model)
     if not (path / "config.json").is_file():
         raise AirloraError(
             f"model {model!r}: {str(path)!r} is not a Hugging Face checkpoint folder (no config.json); "
-            "allowed: 'minilm' or a local folder saved with save_pretrained"
+            f"allowed: 'minilm', '{SMOLLM2}' or a local folder saved with save_pretrained"
         )
     return path
 
 
-def load_model(model: str, num_labels: int = 2) -> tuple[nn.Module, object, Path]:
-    """Load (model, tokenizer, folder) for sequence classification into ``num_labels`` classes from a local
-    checkpoint."""
+def load_model(model: str, num_labels: int = 2, label_words: Sequence[str] | None = None,
+               prompt: str = "{sentence}") -> tuple[nn.Module, object, Path]:
+    """Load (model, tokenizer, folder) from a local checkpoint: a sequence classifier, or with ``label_words`` a
+    causal LM scoring them after ``prompt`` (``airlora.causal_lm``)."""
     path = resolve_model_dir(model)
-    tokenizer = load_tokenizer(path)
-    return load_classifier(path, tokenizer, num_labels), tokenizer, path
+    tokenizer = load_tokenizer(path, label_words is not None)
+    return load_task_model(path, tokenizer, num_labels, label_words, prompt), tokenizer, path
 
 
-def load_tokenizer(path: Path) -> object:
-    """The checkpoint's tokenizer, with a pad token (``ensure_pad_token``)."""
+def load_task_model(path: Path, tokenizer: object, num_labels: int = 2,
+                    label_words: Sequence[str] | None = None, prompt: str = "{sentence}") -> nn.Module:
+    """The checkpoint as the run's task needs it: ``load_classifier``, or the label-word causal LM."""
+    if label_words is None:
+        return load_classifier(path, tokenizer, num_labels)
+    from transformers import AutoModelForCausalLM
+
+    from airlora.causal_lm import LabelWordLM, label_token_ids
+
+    ids = label_token_ids(tokenizer, prompt, label_words)  # before the weights: bad words are caught at once
+    with _quiet_loading(path, "a causal language model (data.label_words needs a decoder such as Llama or OPT)"):
+        causal_lm = AutoModelForCausalLM.from_pretrained(path)
+    return LabelWordLM(causal_lm, ids).eval()
+
+
+def load_tokenizer(path: Path, keep_prompt_end: bool = False) -> object:
+    """The checkpoint's tokenizer, with a pad token (``ensure_pad_token``). ``keep_prompt_end``: truncate long inputs
+    on the left, so a causal LM's prompt keeps its end, where the label word is scored."""
     from transformers import AutoTokenizer
 
     with _quiet_loading(path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
+    if keep_prompt_end:
+        tokenizer.truncation_side = "left"
     return tokenizer
 
 
@@ -127,7 +149,7 @@ def load_classifier(path: Path, tokenizer: object, num_labels: int = 2) -> nn.Mo
 
 
 @contextlib.contextmanager
-def _quiet_loading(path: Path) -> Iterator[None]:
+def _quiet_loading(path: Path, what: str = "a sequence classifier") -> Iterator[None]:
     """transformers' loading notices and bars off (the "classifier newly initialised" notice is expected: we train
     the head; a "Loading weights" bar on stderr would stand before any error message); a failure is one clear
     error."""
@@ -139,7 +161,7 @@ def _quiet_loading(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as err:
-        raise AirloraError(f"model {str(path)!r} could not be loaded as a sequence classifier: {err}") from None
+        raise AirloraError(f"model {str(path)!r} could not be loaded as {what}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -189,7 +211,12 @@ def resolve_modules(model: nn.Module, target_modules: dict[str, str] | None = No
 
 
 def head_parameters(model: nn.Module, module_map: ModuleMap) -> dict[str, nn.Parameter]:
-    """The task head's parameters (trained in full and delivered with the adapter): the classifier/score layer."""
+    """The task head's parameters (trained in full and delivered with the adapter): the classifier/score layer;
+    none for a causal LM scored on label words (its output embedding is the base model's own, frozen)."""
+    from airlora.causal_lm import LabelWordLM
+
+    if isinstance(model, LabelWordLM):
+        return {}
     base = getattr(model, "base_model_prefix", "")
     head = {name: p for name, p in model.named_parameters() if base and not name.startswith(base + ".")}
     if not head:

@@ -151,7 +151,7 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     # draw from generators of their own, so the global RNG the head is drawn from is as it was
     splits = make_splits(loader.source(data.source), data, seed)
     seed_everything(seed)
-    model, tokenizer, model_dir = loader.model(config.model, splits.num_labels)
+    model, tokenizer, model_dir = loader.model(config.model, splits.num_labels, config.data)
     module_map = resolve_modules(model, config.adapter.target_modules)
     adapters = AdapterSet.inject(model, module_map, config.adapter, seed)
     if config.train.fast_dropout:

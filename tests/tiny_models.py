@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
     LlamaConfig,
@@ -56,12 +57,13 @@ TINY_WORDS = ["the", "movie", "film", "was", "is", "a", "not", "very", "good", "
 """Every word of the tiny data (conftest's CSV), so the sub-word tokenizers below learn them as whole tokens."""
 
 
-def save_tiny(family: str, folder: Path) -> Path:
+def save_tiny(family: str, folder: Path, causal_lm: bool = False) -> Path:
     """A tiny ``family`` classifier with a tokenizer of its kind, saved as a local checkpoint folder.
 
     OPT: a byte-level BPE tokenizer whose pad token is its eos '</s>' (the classifier pools the last token that is
     not pad, and a sequence never ends in eos here); Llama: a SentencePiece-style BPE without a pad token, so airlora
-    pads with eos as it does for real Llama checkpoints. Both have a `score` head.
+    pads with eos as it does for real Llama checkpoints. Both have a `score` head, or with ``causal_lm`` an LM head
+    (a decoder for ``data.label_words``).
     """
     if family == "bert":
         return save_tiny_bert(folder)
@@ -87,5 +89,6 @@ def save_tiny(family: str, folder: Path) -> Path:
     config.vocab_size, config.eos_token_id, config.bos_token_id = len(tokenizer), eos, eos
     config.pad_token_id = eos if family == "opt" else None
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    (AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification).from_config(config).save_pretrained(
+        folder)
     return folder
