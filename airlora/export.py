@@ -356,6 +356,12 @@ def delivered_reference(run: RunAdapter, values: dict[str, torch.Tensor]) -> tup
     return data, {"sentences": sentences, "max_length": run.config.data.max_length, "logits": logits.tolist()}
 
 
+def airtime_fields(run: RunAdapter, on_air_bits: int, capacity: float, t_max_s: float) -> dict[str, Any]:
+    """The record's channel figures: ``on_air_bits`` on the run's delivery channel, and whether they fit."""
+    return {"on_air_bits": on_air_bits, "snr_db": run.summary["snr_db"], "capacity_bps": capacity, "t_max_s": t_max_s,
+            "airtime_s": on_air_bits / capacity, "fits_t_max": on_air_bits / capacity <= t_max_s}
+
+
 def write_json_bytes(path: Path, data: bytes) -> None:
     """A delivery JSON file with exactly the bytes that are counted on the air (written atomically)."""
     write_text_atomic(path, data.decode("ascii"))
@@ -405,12 +411,7 @@ def _record(run: RunAdapter, out: Path, payload_file: str, payload: dict[str, to
         "overhead_bytes": overhead,
         "reserved_overhead_bytes": reserved if as_run else None,
         "file_bytes": file_bytes,
-        "on_air_bits": on_air_bits,
-        "snr_db": run.summary["snr_db"],
-        "capacity_bps": capacity,
-        "t_max_s": t_max_s,
-        "airtime_s": on_air_bits / capacity,
-        "fits_t_max": on_air_bits / capacity <= t_max_s,
+        **airtime_fields(run, on_air_bits, capacity, t_max_s),
         "cloud_test_accuracy": run.summary["test_accuracy"],
         "cloud_test_accuracy_is_of_this_delivery": as_run,
         "data": data,

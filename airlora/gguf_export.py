@@ -88,7 +88,7 @@ def ggml_bytes(qtype_name: str, values: int) -> int:
 def _record(run: RunAdapter, out: Path, lora: dict[str, torch.Tensor], precisions: dict[str, int],
             data: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """delivery_record.json of the GGUF just written; the byte accounting must add up exactly."""
-    from airlora.export import RECORD_FORMAT
+    from airlora.export import RECORD_FORMAT, airtime_fields
     from airlora.gguf_adapter import gguf_package
 
     path = out / GGUF_FILE
@@ -121,12 +121,7 @@ def _record(run: RunAdapter, out: Path, lora: dict[str, torch.Tensor], precision
         "overhead_bytes": overhead,
         "reserved_overhead_bytes": None,
         "file_bytes": file_bytes,
-        "on_air_bits": on_air_bits,
-        "snr_db": run.summary["snr_db"],
-        "capacity_bps": capacity,
-        "t_max_s": t_max_s,
-        "airtime_s": on_air_bits / capacity,
-        "fits_t_max": on_air_bits / capacity <= t_max_s,
+        **airtime_fields(run, on_air_bits, capacity, t_max_s),
         "cloud_test_accuracy": run.summary["test_accuracy"],
         "cloud_test_accuracy_is_of_this_delivery": exact,  # fp32 factors: the run's model up to float rounding
         "data": data,
