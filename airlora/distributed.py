@@ -108,11 +108,16 @@ def init(train: Any, batch_size: int) -> str:
     if batch_size < size:
         raise AirloraError(f"data.batch_size = {batch_size} is the global batch, split across the {size} processes; "
                            f"give at least {size} (one row each)")
-    if backend == "nccl":
-        if train.device.startswith("cuda:"):
-            raise AirloraError(f"train.device = {train.device!r} under a launcher of {size} processes: each process "
-                               "uses cuda:LOCAL_RANK; use 'auto' or 'cuda'")
-        torch.cuda.set_device(local_rank())
+    on_cuda = torch.cuda.is_available() and train.device != "cpu"
+    if on_cuda and train.device.startswith("cuda:"):
+        raise AirloraError(f"train.device = {train.device!r} under a launcher of {size} processes: each process "
+                           "uses cuda:LOCAL_RANK; use 'auto' or 'cuda'")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    if backend == "nccl" and per_node > torch.cuda.device_count():
+        raise AirloraError(f"train.dist_backend = 'nccl' runs one process per GPU; {per_node} processes on "
+                           f"{torch.cuda.device_count()} GPU(s) here: start fewer or use 'gloo'")
+    if on_cuda:  # 'cuda' is then this process's GPU (gloo may share one GPU among processes, NCCL may not)
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     if not active():
         dist.init_process_group(backend, timeout=timedelta(seconds=train.dist_timeout_s))
     return backend
@@ -247,13 +252,19 @@ def local_batch(batch: Any) -> Any:
                    indices=batch.indices[rows])
 
 
+def _on_wire(values: list[float] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor NCCL (CUDA only) or gloo can send."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def global_mean(local_mean: float, local_rows_: int, global_rows: int) -> float:
     """The mean over the global batch of a per-row quantity whose mean over this process's rows is ``local_mean``."""
     if not active():
         return local_mean
-    total = torch.tensor([local_mean * local_rows_], dtype=torch.float64)
+    total = _on_wire([local_mean * local_rows_], torch.float64)
     _collective("all-reduce of the loss", dist.all_reduce, total)
-    return float(total) / global_rows
+    return float(total.item()) / global_rows
 
 
 def gradient_weight(local_rows_: int, global_rows: int) -> float:
@@ -270,9 +281,9 @@ def summed(*counts: int) -> tuple[int, ...]:
     """Counts summed over the processes (one all-reduce)."""
     if not active():
         return counts
-    total = torch.tensor(counts, dtype=torch.int64)
+    total = _on_wire(counts, torch.int64)
     _collective("all-reduce of the evaluation counts", dist.all_reduce, total)
-    return tuple(int(v) for v in total)
+    return tuple(int(v) for v in total.tolist())
 
 
 def gathered(value: Any) -> list[Any]:
@@ -322,7 +333,7 @@ def wrap(session: Any) -> nn.Module:
     frozen = [f"model.{n}" for n, p in session.model.named_parameters() if not p.requires_grad]
     if session.config.train.distributed == "fsdp":  # sharded parameters are FSDP's; DDP must not touch them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    device_ids = [session.device.index or 0] if session.device.type == "cuda" else None
+    device_ids = [torch.cuda.current_device()] if session.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True,
                                    forward_sync_buffers=False)
 

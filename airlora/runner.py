@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 
 from airlora import distributed
@@ -208,6 +209,8 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
         tracker.close()
     summary["setup_s"] = setup_s
     summary["world_size"], summary["dist_backend"] = distributed.world_size(), dist_backend
+    if session.device.type == "cuda":  # this process's (rank 0's) peak, for the GPU check
+        summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
     if pretrained is not None:
         summary["pretrain"] = pretrained
     if command is not None:
