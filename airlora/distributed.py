@@ -33,10 +33,11 @@ from torch import nn
 
 from airlora.errors import AirloraError
 
-OBSERVE_ON_MAIN_ONLY = frozenset({"airllm"})
-"""Allocators whose ``observe`` trains a policy (costly, and drawing random numbers): on rank 0 only. Every other
-allocator observes on every process: adalora masks λ in place and heuristic keeps sensitivity EMAs, both functions of
-the weights and the (all-reduced, identical) gradients, so their edits to the adapters stay the same everywhere."""
+MAIN_ONLY = frozenset({"airllm"})
+"""Allocators that run on rank 0 alone: a policy that learns (costly, drawing random numbers, and nothing of it
+touches the adapters). Every other allocator also runs on the other processes, fed the same contexts and outcomes
+(the global loss, the all-reduced gradients), because some edit the adapters in ``observe`` (adalora masks λ in place)
+and need their own ``allocate`` state for it; rank 0's decision is still the one every process applies."""
 
 
 class DistributedFault(RuntimeError):
@@ -189,28 +190,36 @@ def on_main(fn: Any, *args: Any) -> Any:
 
 
 class MainDecides:
-    """An allocator whose decisions are made on rank 0 and broadcast; the trainer talks to it as to the allocator.
+    """An allocator whose decisions are rank 0's, broadcast; the trainer talks to it as to the allocator.
 
-    ``allocate`` and ``deliver``: rank 0 decides, every process gets the decision (or rank 0's error). ``observe``:
-    rank 0 only for the learners of OBSERVE_ON_MAIN_ONLY, else everywhere. ``metric_rows``, ``state_dict`` and
-    ``save`` are rank 0's: only it logs and writes.
+    ``allocate`` and ``deliver``: every process gets rank 0's decision (or rank 0's error). The learners of MAIN_ONLY
+    run on rank 0 alone; any other allocator runs on every process as well (see MAIN_ONLY), its own decisions there
+    discarded. ``metric_rows``, ``state_dict`` and ``save`` are rank 0's: only it logs and writes.
     """
 
     def __init__(self, allocator: Any, name: str) -> None:
         self.inner = allocator
-        self.observe_everywhere = name not in OBSERVE_ON_MAIN_ONLY
+        self.replicated = name not in MAIN_ONLY
 
     def __getattr__(self, name: str) -> Any:  # first_deliverable_step, config, name …
         return getattr(self.inner, name)
 
+    def _runs_here(self) -> bool:
+        return is_main() or self.replicated
+
     def _decide(self, method: str, *args: Any) -> Any:
         result, error = None, None
-        if is_main():
+        if self._runs_here():
             try:
                 result = getattr(self.inner, method)(*args)
             except Exception as err:
                 error = err
-        return from_main(result, error)
+        if is_main():
+            return from_main(result, error)
+        decided = from_main(None)  # raises when rank 0 failed
+        if error is not None:  # rank 0 did not: this process's copy went astray, so it stops
+            raise error
+        return decided
 
     def allocate(self, *args: Any) -> Any:
         return self._decide("allocate", *args)
@@ -219,9 +228,7 @@ class MainDecides:
         return self._decide("deliver", *args)
 
     def observe(self, *args: Any) -> Any:
-        if is_main() or self.observe_everywhere:
-            return self.inner.observe(*args)
-        return None
+        return self.inner.observe(*args) if self._runs_here() else None
 
     def metric_rows(self, *args: Any) -> Any:
         return self.inner.metric_rows(*args) if is_main() else []

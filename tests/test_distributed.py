@@ -203,13 +203,15 @@ def test_kill_9_of_the_job_then_resume_loses_and_repeats_no_step(job_config, tmp
 
 
 def test_a_killed_worker_ends_the_job_with_one_clear_error(job_config, tmp_path):
-    config = merge(job_config, {"train.steps": 400, "train.eval_every": 100, "train.dist_timeout_s": 120.0})
+    config = merge(job_config, {"train.steps": 400, "train.eval_every": 100, "train.dist_timeout_s": 300.0})
     seen = finish_job(start_job(config, tmp_path / "out", tmp_path / "rec", kill_after_step=5), tmp_path / "rec",
                       timeout_s=600)
     assert seen[1] is None  # rank 1 was killed before it could report
     assert "process 0 of 2 lost the job" in seen[0]["error"], seen[0].get("trace")
-    # the peer's death is noticed at the next collective, not waited out (timeout 120 s); 30 s covers a loaded machine
-    assert seen[0]["ended_at"] - float((tmp_path / "rec-killed").read_text()) < 30
+    # the peer's death is noticed at the next collective (its socket closes), not waited out: well inside the 300 s
+    # timeout, with room for a loaded machine (unloaded it is well under a second)
+    assert seen[0]["ended_at"] - float((tmp_path / "rec-killed").read_text()) < 120
+    assert "timed out" not in seen[0]["error"].lower()
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
