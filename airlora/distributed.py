@@ -192,7 +192,7 @@ def on_main(fn: Any, *args: Any) -> Any:
 class MainDecides:
     """An allocator whose decisions are rank 0's, broadcast; the trainer talks to it as to the allocator.
 
-    ``allocate`` and ``deliver``: every process gets rank 0's decision (or rank 0's error). The learners of MAIN_ONLY
+    ``allocate``, ``deliver`` and ``training_ranks``: every process gets rank 0's decision (or rank 0's error). The learners of MAIN_ONLY
     run on rank 0 alone; any other allocator runs on every process as well (see MAIN_ONLY), its own decisions there
     discarded. ``metric_rows``, ``state_dict`` and ``save`` are rank 0's: only it logs and writes.
     """
@@ -226,6 +226,9 @@ class MainDecides:
 
     def deliver(self, *args: Any) -> Any:
         return self._decide("deliver", *args)
+
+    def training_ranks(self, *args: Any) -> Any:  # the 'delivery' regime's ranks to train at: rank 0's too
+        return self._decide("training_ranks", *args)
 
     def observe(self, *args: Any) -> Any:
         return self.inner.observe(*args) if self._runs_here() else None

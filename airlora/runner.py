@@ -115,7 +115,8 @@ def saved_history(out: Path) -> list[dict[str, Any]]:
 
 RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.eval_on_change",
                      "train.checkpoint_every", "train.patience", "train.progress", "train.threads", "train.device",
-                     "train.autocast", "train.report_to")
+                     "train.autocast", "train.report_to", "train.distributed", "train.dist_backend",
+                     "train.dist_timeout_s")
 """Settings a resumed run may change: none of them changes the steps already run, only the ones to come.
 
 The lr schedule goes on from where it stood (see ``continue_schedule``); every change is recorded in config.json's

@@ -143,10 +143,11 @@ def losses(out):
         return [(int(r["step"]), float(r["loss"]), r["val_accuracy"], r["budget_ok"]) for r in csv.DictReader(handle)]
 
 
-@pytest.mark.parametrize("allocator", ["uniform", "adalora"])
-def test_two_processes_train_as_one_and_only_rank_0_writes(job_config, tmp_path, allocator):
-    """adalora: its observe masks λ in place on every process, so the adapters must stay alike."""
-    config = merge(job_config, {"allocator": allocator})
+@pytest.mark.parametrize(("allocator", "regime"), [("uniform", "paper"), ("adalora", "delivery")])
+def test_two_processes_train_as_one_and_only_rank_0_writes(job_config, tmp_path, allocator, regime):
+    """paper: the ranks change with the step (rank 0 at -5 dB: DDP's unused parameters); adalora: its observe masks λ
+    in place on every process, so the adapters must stay alike."""
+    config = merge(job_config, {"allocator": allocator, "train.regime": regime})
     run(config, tmp_path / "one")
     seen = run_job(config, tmp_path / "two", tmp_path / "rec")
     assert all(s["error"] is None for s in seen), [s["trace"] for s in seen if s["error"]]
@@ -163,10 +164,11 @@ def test_two_processes_train_as_one_and_only_rank_0_writes(job_config, tmp_path,
 
 
 def test_rank_0_decides_and_every_process_applies_its_decision(job_config, tmp_path):
-    """airllm (a policy that samples and learns): if rank 1 decided for itself, its ranks would differ from rank 0's;
-    several precisions make the decision a pair."""
+    """airllm (a policy that samples and learns, on rank 0 alone) in the paper regime, where its decision is what
+    trains: if rank 1 decided for itself, its ranks would differ from rank 0's; several precisions make the decision a
+    pair."""
     config = merge(job_config, {"allocator": "airllm", "policy.episode_steps": 3, "channel.bits": [4, 8, 16, 32],
-                                "channel.bandwidth_hz": 1e5})
+                                "channel.bandwidth_hz": 1e5, "train.regime": "paper"})
     seen = run_job(config, tmp_path / "out", tmp_path / "rec")
     assert all(s["error"] is None for s in seen), [s["trace"] for s in seen if s["error"]]
     assert len(seen[0]["ranks"]) == 8 and seen[0]["ranks"] == seen[1]["ranks"]
