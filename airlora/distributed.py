@@ -192,9 +192,9 @@ def on_main(fn: Any, *args: Any) -> Any:
 class MainDecides:
     """An allocator whose decisions are rank 0's, broadcast; the trainer talks to it as to the allocator.
 
-    ``allocate``, ``deliver`` and ``training_ranks``: every process gets rank 0's decision (or rank 0's error). The learners of MAIN_ONLY
-    run on rank 0 alone; any other allocator runs on every process as well (see MAIN_ONLY), its own decisions there
-    discarded. ``metric_rows``, ``state_dict`` and ``save`` are rank 0's: only it logs and writes.
+    ``allocate``, ``deliver`` and ``training_ranks``: every process gets rank 0's decision (or rank 0's error). The
+    learners of MAIN_ONLY run on rank 0 alone; any other allocator runs on every process as well (see MAIN_ONLY), its
+    own decisions there discarded. ``metric_rows``, ``state_dict`` and ``save`` are rank 0's: only it logs and writes.
     """
 
     def __init__(self, allocator: Any, name: str) -> None:
