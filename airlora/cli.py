@@ -188,10 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("airlora: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a process of a distributed job died or hung: one line, not a traceback per process
+        from airlora.distributed import fault_message
+
+        message = None if args.debug else fault_message(err)
+        if message is None:
+            raise
+        print(f"airlora: error: {message}", file=sys.stderr)
+        return 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from airlora.config import RunConfig, load_config, merge
+    from airlora.distributed import launched_rank
     from airlora.report import print_summary
     from airlora.runner import run, saved_config
 
@@ -212,7 +221,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                f"{config.allocator!r} (add --allocator adalora)")
         config = merge(config, {"adalora.target_bits": target_bits_of(args.match_bits_of)})
     summary = run(config, Path(args.out), overwrite=args.overwrite, resume=args.resume, command=args.command_line)
-    print_summary(summary, Path(args.out))
+    if launched_rank() == 0:  # one summary for a job of several processes
+        print_summary(summary, Path(args.out))
     return 0
 
 

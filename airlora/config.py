@@ -266,6 +266,15 @@ class TrainConfig:
     fast_dropout: bool = True
     """Draw the model's dropout masks from raw random bits on the CPU (airlora.dropout, ~3× cheaper than torch's
     ``bernoulli_``, same p and scaling); False keeps torch's dropout."""
+    # -- one run across several processes (torchrun / accelerate launch; airlora.distributed) --
+    distributed: str = "ddp"
+    """Under a launcher of several processes: 'ddp' (every process holds the whole model, DDP averages the
+    adapters' and head's gradients) or 'fsdp' (the frozen base sharded with FSDP2, for models one device cannot hold;
+    an all-gather of each layer per forward and per backward). Ignored in one process."""
+    dist_backend: str = "auto"
+    """Process-group backend: 'auto' (NCCL on CUDA, gloo on the CPU), 'gloo' or 'nccl' (needs CUDA)."""
+    dist_timeout_s: float = 600.0
+    """A collective that waits longer than this for a hung process fails the job (a dead one fails it at once)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
@@ -291,6 +300,11 @@ class TrainConfig:
         _check(self.threads is None or self.threads >= 1, "train.threads", "null or an integer >= 1", self.threads)
         _check(self.autocast in ("off", "bf16"), "train.autocast", "'off' or 'bf16'", self.autocast)
         _check(self.report_to in REPORT_TO, "train.report_to", ", ".join(map(repr, REPORT_TO)), self.report_to)
+        _check(self.distributed in ("ddp", "fsdp"), "train.distributed", "'ddp' or 'fsdp'", self.distributed)
+        _check(self.dist_backend in ("auto", "gloo", "nccl"), "train.dist_backend", "'auto', 'gloo' or 'nccl'",
+               self.dist_backend)
+        _check(_finite(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s", "a positive number "
+               "of seconds", self.dist_timeout_s)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from airlora import distributed
 from airlora.adapters import forget_momentum
 from airlora.batching import Batch
 from airlora.errors import AirloraError
@@ -53,6 +54,7 @@ class FineTuner:
             fused=True,
         )
         self.scheduler = LambdaLR(self.optimizer, linear_warmup_decay(cfg.train.warmup_steps, cfg.train.steps))
+        self.forward = distributed.wrap(session)  # the step's loss; under DDP in a job of several processes
 
     def apply(self, ranks: dict[str, int], precisions: dict[str, int] | None = None) -> None:
         """Deploy a feasible rank mapping (cut triplets keep their values) and, with ``train.quantization_aware``,
@@ -63,15 +65,14 @@ class FineTuner:
 
     def step(self, batch: Batch) -> float:
         """Forward, backward and optimiser step on one batch; gradients stay until ``zero_grad``."""
-        cfg, model = self.session.config, self.session.model
-        batch = batch.to(self.session.device)
-        with self.session.autocast():
-            loss = model(**batch.inputs, labels=batch.labels).loss
-        weight = cfg.adapter.orth_reg_weight
-        task_loss = float(loss.detach())
+        cfg = self.session.config
+        local = distributed.local_batch(batch).to(self.session.device)  # this process's rows of the global batch
+        rows, global_rows = len(local.labels), len(batch.labels)
+        total, loss = self.forward(local, distributed.gradient_weight(rows, global_rows), cfg.adapter.orth_reg_weight)
+        task_loss = distributed.global_mean(float(loss.detach()), rows, global_rows)  # the global batch's loss
         if not math.isfinite(task_loss):  # before the update, so a NaN never reaches the weights
             raise NonFiniteLoss(f"training loss became {task_loss}; lower train.lr (now {cfg.train.lr})")
-        (loss + weight * self.session.adapters.orthogonality() if weight else loss).backward()
+        total.backward()
         self.optimizer.step()
         self.scheduler.step()
         return task_loss

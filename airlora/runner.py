@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import save_file
 
+from airlora import distributed
 from airlora.allocators.base import call
 from airlora.checkpoint import load_checkpoint, read_pointer, remove_checkpoints
 from airlora.codecs import common_bits
-from airlora.config import RunConfig, flatten, from_dict
+from airlora.config import RunConfig, flatten, from_dict, merge
 from airlora.data import split_statistics
 from airlora.deliveries import budget_front, per_snr_deliveries
 from airlora.errors import AirloraError
@@ -112,7 +114,8 @@ def saved_history(out: Path) -> list[dict[str, Any]]:
 
 RESUME_MAY_CHANGE = ("train.lr", "train.head_lr", "train.steps", "train.eval_every", "train.eval_on_change",
                      "train.checkpoint_every", "train.patience", "train.progress", "train.threads", "train.device",
-                     "train.autocast", "train.report_to")
+                     "train.autocast", "train.report_to", "train.distributed", "train.dist_backend",
+                     "train.dist_timeout_s")
 """Settings a resumed run may change: none of them changes the steps already run, only the ones to come.
 
 The lr schedule goes on from where it stood (see ``continue_schedule``); every change is recorded in config.json's
@@ -176,58 +179,82 @@ def run(config: RunConfig, out: str | Path, overwrite: bool = False, resume: boo
     """
     started = time.perf_counter()
     out = Path(out)
-    prepare_out_dir(out, overwrite, resume)
+    # several processes (torchrun, accelerate launch): rank 0 reads and writes the run folder, the others follow
+    dist_backend = distributed.init(config.train, config.data.batch_size)
+    main = distributed.is_main()
+    if distributed.active() and config.train.distributed == "fsdp" and config.allocator == "airllm" and \
+            config.policy.pretrain.before_run and not config.policy.load_path:
+        raise AirloraError("policy.pretrain.before_run runs on rank 0 alone, which a sharded (train.distributed = "
+                           "'fsdp') model cannot; pretrain first with `airlora pretrain-policy` and pass --policy")
+    if not main:
+        config = merge(config, {"train.progress": False})
     backend = resolve_report_to(config.train.report_to)
-    at = None
-    checkpoint, history = None, []
-    if resume:
-        saved, history = saved_config(out), saved_history(out)
-        changes = check_same_run(saved, config)
-        checkpoint = load_checkpoint(out)
-        at = 0 if checkpoint is None else checkpoint["step"]
-        if config.train.steps <= at:
-            raise AirloraError(f"--resume: train.steps = {config.train.steps} but the run is at step {at} already; "
-                               f"give more than {at} steps")
-        if checkpoint is not None and changes:
-            continue_schedule(checkpoint, saved, config)
-        history += [{"step": at, **change} for change in changes]
+    checkpoint, history, at = distributed.on_main(_read_run_folder, config, out, overwrite, resume)
     t0 = time.perf_counter()
     session = build_session(config, loader)
     setup_s = time.perf_counter() - t0
-    start_out_dir(out, overwrite)
     resolved = resolved_config(session) | {"history": history}
     resolved["resolved"]["report_to"] = backend
-    write_json_atomic(out / "config.json", resolved)
     pretrained = None
-    if config.allocator == "airllm" and config.policy.pretrain.before_run and not config.policy.load_path:
-        session, pretrained = pretrain_before_run(session, out, resume)
-    tracker = open_tracker(backend, out, at, resolved)
+    if main:
+        start_out_dir(out, overwrite)
+        write_json_atomic(out / "config.json", resolved)
+        if config.allocator == "airllm" and config.policy.pretrain.before_run and not config.policy.load_path:
+            session, pretrained = pretrain_before_run(session, out, resume)
+    session.allocator = distributed.main_decides(session.allocator, config.allocator)
+    tracker = open_tracker(backend if main else "none", out, at, resolved)
     try:
         summary = _train_and_deliver(session, out, checkpoint, tracker, started)
     finally:
         tracker.close()
     summary["setup_s"] = setup_s
+    summary["world_size"], summary["dist_backend"] = distributed.world_size(), dist_backend
+    if session.device.type == "cuda":  # this process's (rank 0's) peak, for the GPU check
+        summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
     if pretrained is not None:
         summary["pretrain"] = pretrained
     if command is not None:
         summary["command"] = command
-    write_json_atomic(out / "summary.json", summary)
-    remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
+    if main:
+        write_json_atomic(out / "summary.json", summary)
+        remove_checkpoints(out)  # a finished run is not resumed; its checkpoints only take space
+    distributed.finish()
     return summary
+
+
+def _read_run_folder(config: RunConfig, out: Path, overwrite: bool, resume: bool
+                     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int | None]:
+    """Check ``out`` for this run and, on ``resume``, read its checkpoint: (checkpoint, history, its step)."""
+    prepare_out_dir(out, overwrite, resume)
+    if not resume:
+        return None, [], None
+    saved, history = saved_config(out), saved_history(out)
+    changes = check_same_run(saved, config)
+    checkpoint = load_checkpoint(out)
+    at = 0 if checkpoint is None else checkpoint["step"]
+    if config.train.steps <= at:
+        raise AirloraError(f"--resume: train.steps = {config.train.steps} but the run is at step {at} already; "
+                           f"give more than {at} steps")
+    if checkpoint is not None and changes:
+        continue_schedule(checkpoint, saved, config)
+    history += [{"step": at, **change} for change in changes]
+    return checkpoint, history, at
 
 
 def _train_and_deliver(session: Session, out: Path, checkpoint: dict[str, Any] | None, tracker: Tracker,
                        started: float) -> dict[str, Any]:
     """Train, then deliver the best checkpoint: adapter.safetensors, the allocator's files, the summary (returned)."""
-    config = session.config
-    result = train(session, out, checkpoint, tracker)
-    write_step_files(out, result.rows, result.rank_rows, result.precision_rows)
+    config, main = session.config, distributed.is_main()
+    result = train(session, out if main else None, checkpoint, tracker)  # out=None: only rank 0 writes
+    if main:
+        write_step_files(out, result.rows, result.rank_rows, result.precision_rows)
     restore(session, result.best)
     deliveries = per_snr_deliveries(session, result) if config.train.deliver_every_snr else None
     front = budget_front(session, result) if config.train.deliver_t_max_s else None
     session.adapters.set_ranks(result.best.ranks)  # the delivery decision: what is written, tested and sent
     precisions = delivered_precisions(session, result)
-    write_adapter(session, out / "adapter.safetensors", precisions)
+    if main:
+        write_adapter(session, out / "adapter.safetensors", precisions)
     extras = call(session.allocator, "save", out)
     with session.as_delivered(result.best.ranks, precisions):  # the accuracy the edge gets, after the codecs
         test_accuracy = evaluate(session, session.test_batches)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from airlora import distributed
 from airlora.adapters import AdapterSet
 from airlora.allocators import Allocator, make_allocator
 from airlora.batching import Batch, TrainBatches, eval_batches
@@ -144,7 +144,7 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     ``WarmCache``); by default they are read afresh. The session is the same either way.
     """
     loader = loader or Loader()
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.train.threads or distributed.default_threads())
     seed = config.train.seed
     data = config.data
     # the data first: the head is sized by its classes (and a bad data file fails before a model is read); the splits
@@ -159,10 +159,10 @@ def build_session(config: RunConfig, loader: Loader | None = None) -> Session:
     device = resolve_device(config.train.device)
     if config.train.autocast == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise AirloraError("train.autocast = 'bf16' but this GPU has no bfloat16 support; use 'off'")
-    model.to(device)
     head = head_parameters(model, module_map)
     for p in head.values():
         p.requires_grad_(True)
+    distributed.place(model, device, config.train.distributed)  # after the head is trainable: fsdp shards the rest
 
     vocabulary = loader.vocabulary(data, tokenizer)
     train_batches = TrainBatches(loader.encode(splits.train, tokenizer, data.max_length, vocabulary), data.batch_size,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from airlora import distributed
 from airlora.allocators import AllocationContext, StepOutcome
 from airlora.allocators.base import call, checked_decision
 from airlora.batching import Batch
@@ -93,12 +94,13 @@ def evaluate(session: Session, batches: list[Batch]) -> float:
     model.eval()
     correct = total = 0
     with torch.inference_mode(), session.autocast():
-        for batch in batches:
+        for batch in distributed.local_share(batches):  # each process its share; the counts summed below
             batch = batch.to(session.device)
             logits = model(**batch.inputs).logits
             correct += int((logits.argmax(-1) == batch.labels).sum())
             total += int(batch.labels.numel())
     model.train(was_training)
+    correct, total = distributed.summed(correct, total)
     return correct / max(total, 1)
 
 
