@@ -85,8 +85,8 @@ def test_a_registered_allocator_is_a_valid_config_name_and_an_unknown_one_lists_
     with pytest.raises(AirloraError) as err:
         from_dict(RunConfig, {"allocator": "nope"})
     message = str(err.value)
-    assert message.startswith("allocator = 'nope' is not allowed; expected one of adalora, airllm, compress, heuristic, random, "
-                              "uniform (built in) or top-down")
+    assert message.startswith("allocator = 'nope' is not allowed; expected one of adalora, airllm, compress, "
+                              "heuristic, random, uniform (built in) or top-down")
     assert "entry-point group 'airlora.allocators'" in message
 
 
