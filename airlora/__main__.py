@@ -4,4 +4,5 @@ import sys
 
 from airlora.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not on a plain import (a test imports every submodule)
+    sys.exit(main())

@@ -31,7 +31,8 @@ from airlora.bundle import MANIFEST_FILE, PEFT_PREFIX, RECORD_FILE
 from airlora.codecs import common_bits
 from airlora.config import DataConfig, from_dict
 from airlora.errors import AirloraError
-from airlora.export import copy_for_peft, reference_logits, sha256_file
+from airlora.export import copy_for_peft
+from airlora.exported_run import reference_logits, sha256_file
 
 _MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "sha256": dict, "payload_file": str, "ranks": dict, "precisions": dict, "head_bits": int, "model_dir": str,

@@ -31,7 +31,7 @@ from airlora.codecs import codec
 from airlora.errors import AirloraError
 
 if TYPE_CHECKING:
-    from airlora.export import RunAdapter
+    from airlora.exported_run import RunAdapter
 
 FORMATS = ("adalora", "lora", "gguf")
 """Every delivery format, the default first."""
@@ -60,7 +60,7 @@ def lora_tensors(run: RunAdapter) -> dict[str, torch.Tensor]:
 
 
 def run_tensors_from_lora(run: RunAdapter, peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA-keyed tensors (e.g. a payload decoded back) under the run's keys, for ``export.cloud_model``: Q = lora_A,
+    """LoRA-keyed tensors (e.g. a payload decoded back) under the run's keys, for ``cloud_model``: Q = lora_A,
     P = lora_B and λ = lora_alpha / (r·scaling), so the run's scaling·P·diag(λ)·Q is LoRA's (lora_alpha / r)·B·A."""
     key_of = {run.module_names[key]: key for key in run.ranks}
     out = {}

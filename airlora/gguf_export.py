@@ -31,7 +31,7 @@ from airlora.io import write_json_atomic, write_text_atomic
 from airlora.model_card import CARD_FILE
 
 if TYPE_CHECKING:
-    from airlora.export import RunAdapter
+    from airlora.exported_run import RunAdapter
 
 GGUF_TYPE_TEXT = {32: "F32", 16: "F16", 8: "Q8_0 (blocks of 32 values, one fp16 scale; F16 where a row is not whole "
                                           "blocks)"}
@@ -50,8 +50,8 @@ def base_config(model_dir: str) -> Any:
 def export_gguf(run: RunAdapter, lora: dict[str, torch.Tensor], precisions: dict[str, int], out: Path,
                 command: str | None) -> dict[str, Any]:
     """Write ``lora`` (``formats.lora_tensors``) to ``out`` as a GGUF LoRA adapter with its manifest, record and card;
-    the manifest and record as one dict. Nothing is left half-written (``export.open_out`` / ``remove_export``)."""
-    from airlora.export import delivered_reference, open_out, remove_export, sha256_file, write_json_bytes
+    the manifest and record as one dict. Nothing is left half-written (``open_out`` / ``remove_export``)."""
+    from airlora.exported_run import delivered_reference, open_out, remove_export, sha256_file, write_json_bytes
     from airlora.io import atomic_path
 
     config = base_config(run.model_dir)
@@ -88,7 +88,7 @@ def ggml_bytes(qtype_name: str, values: int) -> int:
 def _record(run: RunAdapter, out: Path, lora: dict[str, torch.Tensor], precisions: dict[str, int],
             data: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """delivery_record.json of the GGUF just written; the byte accounting must add up exactly."""
-    from airlora.export import RECORD_FORMAT, airtime_fields
+    from airlora.exported_run import RECORD_FORMAT, airtime_fields
     from airlora.gguf_adapter import gguf_package
 
     path = out / GGUF_FILE

@@ -17,7 +17,8 @@ from transformers import AutoModelForSequenceClassification
 from airlora.config import load_config, merge
 from airlora.data import load_splits
 from airlora.edge import edge_evaluate
-from airlora.export import RunAdapter, export_adapter
+from airlora.export import export_adapter
+from airlora.exported_run import RunAdapter
 from airlora.models import resolve_modules
 from tests import reference
 from tests.tiny_models import save_tiny

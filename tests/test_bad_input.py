@@ -264,7 +264,8 @@ def test_model_folder_with_a_broken_config(tmp_path, capsys):
 def test_model_path_that_is_a_file(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"x")
     err = fails(capsys, "channel", "--model", tmp_path / "weights.bin")
-    assert "is not a Hugging Face checkpoint folder (no config.json); allowed: 'minilm' or a local folder" in err
+    assert ("is not a Hugging Face checkpoint folder (no config.json); allowed: 'minilm', 'smollm2-135m' or a local "
+            "folder") in err
 
 
 @pytest.mark.integration

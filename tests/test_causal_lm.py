@@ -14,7 +14,8 @@ from airlora.cli import main
 from airlora.config import DataConfig, load_config, merge
 from airlora.edge import edge_evaluate
 from airlora.errors import AirloraError
-from airlora.export import RunAdapter, export_adapter
+from airlora.export import export_adapter
+from airlora.exported_run import RunAdapter
 from airlora.formats import lora_tensors
 from tests import reference
 from tests.tiny_models import save_tiny

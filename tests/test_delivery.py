@@ -11,7 +11,8 @@ from airlora.cli import main
 from airlora.data import load_splits
 from airlora.edge import attach, edge_evaluate, verify_delivery
 from airlora.errors import AirloraError
-from airlora.export import RunAdapter, cloud_model, export_adapter
+from airlora.export import export_adapter
+from airlora.exported_run import RunAdapter, cloud_model
 from airlora.models import load_model
 from tests import reference
 

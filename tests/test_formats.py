@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification
 from airlora.cli import main
 from airlora.data import load_splits
 from airlora.edge import attach, edge_evaluate
-from airlora.export import RunAdapter, export_adapter
+from airlora.export import export_adapter
+from airlora.exported_run import RunAdapter
 from airlora.models import load_model
 from tests import reference
 from tests.test_architectures import family_run  # noqa: F401  (the fixture: a run per family)

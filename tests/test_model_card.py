@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from airlora.cli import main
-from airlora.export import RunAdapter
+from airlora.exported_run import RunAdapter
 from airlora.models import load_model
 from tests import reference
 
