@@ -142,6 +142,8 @@ class LoopState:
     (``train.eval_on_change``)."""
     validations_skipped: int = 0
     """Validation passes ``train.eval_on_change`` skipped."""
+    sent: tuple[dict[str, int], dict[str, int]] | None = None
+    """'delivery' regime: the last candidate delivery (held between decisions when ``train.allocate_every`` > 1)."""
 
 
 def write_step_files(out: Path, rows: list[dict[str, Any]], rank_rows: list[dict[str, Any]],
@@ -175,7 +177,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
     started = time.perf_counter()
     stopped_early = False
     ranks, precisions = adapters.ranks(), loop.precisions
-    sent: tuple[dict[str, int], dict[str, int]] | None = None
+    sent = loop.sent
     """What a delivery at this step's channel would send: the trained ranks ('paper') or the candidate ('delivery')."""
     bar = tqdm(range(loop.step, cfg.train.steps), desc=f"airlora {cfg.allocator}", disable=not cfg.train.progress,
                dynamic_ncols=True, initial=loop.step, total=cfg.train.steps)
@@ -201,7 +203,8 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
             sent = ranks, precisions
         else:
             ctx = context(session, step, ranks, batch, None)
-            if decided or sent is None:
+            decided = decided or sent is None  # a first decision is a decision: it is measured and learned from
+            if decided:
                 decision = call(allocator, "allocate", ctx, step=step)
                 sent = budget.project_joint(*checked_decision(decision, budget, allocator, "allocate", step))
             else:  # the last candidate, held (train.allocate_every > 1), made to fit this step's channel
@@ -286,7 +289,7 @@ def train(session: Session, out: Path | None = None, resume: dict[str, Any] | No
         loop.rank_rows.append({"step": step} | ranks)
         if several_bits:
             loop.precision_rows.append({"step": step} | precisions)
-        loop.step, loop.precisions = step + 1, precisions
+        loop.step, loop.precisions, loop.sent = step + 1, precisions, sent if not paper else None
         tracker.step(step, row, ranks, precisions, cfg.channel.t_max_s, cfg.adapter.r_max, lr, several_bits)
         if row["val_accuracy"] != "":
             tracker.evaluation(step, {"val_accuracy": row["val_accuracy"], "best_val_accuracy": loop.best.val_accuracy
@@ -369,6 +372,7 @@ def snapshot(session: Session, tuner: FineTuner, loop: LoopState, started: float
         "precisions": loop.precisions,
         "validated": loop.validated,
         "validations_skipped": loop.validations_skipped,
+        "sent": loop.sent,
         "eval_s": loop.eval_s,
         "elapsed_s": loop.elapsed_s + time.perf_counter() - started,
         "adapters": session.adapters.state(),
@@ -406,6 +410,7 @@ def restore_loop(session: Session, tuner: FineTuner, state: dict[str, Any]) -> L
         precision_rows=state.get("precision_rows", []),
         validated=None if state.get("validated") is None else tuple(state["validated"]),
         validations_skipped=state.get("validations_skipped", 0),
+        sent=None if state.get("sent") is None else tuple(state["sent"]),
     )
 
 

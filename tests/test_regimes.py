@@ -173,3 +173,19 @@ def test_in_the_delivery_regime_a_front_point_is_what_a_run_at_that_budget_deliv
     assert point["ranks"] == tight["ranks"] and point["precisions"] == tight["precisions"]
     assert point["test_accuracy"] == tight["test_accuracy"] and point["on_air_bits"] == tight["on_air_bits"]
     assert wide["on_air_bits"] > tight["on_air_bits"]  # the two budgets do differ
+
+
+def test_the_precision_bandit_learns_on_a_trace_of_distinct_snrs():
+    """An SNR trace has a new value at almost every step; its values to the nearest dB share one bandit."""
+    from airlora.policy.precision import PrecisionChoice
+
+    bandit = PrecisionChoice((4, 8, 32))
+    tried = []
+    for i in range(6):
+        snr_db = 0.1 * i
+        bits = bandit.choose(snr_db, explore=True)
+        tried.append(bits)
+        bandit.update(snr_db, bits, -0.1 if bits == 32 else 0.0)
+    assert set(tried) == {4, 8, 32}  # every precision tried, not the highest forever
+    assert bandit.choose(0.3, explore=False) == 8  # the best mean (4 and 8 tie; the higher precision wins ties)
+    assert bandit.choose(0.3, explore=False, allowed=(32,)) == 32  # a delivery where only fp32 is allowed

@@ -40,19 +40,22 @@ def same_outputs(a, b):
 
 def resumable(tiny_config, allocator, steps=12):
     # "name+joint": every codec allowed (and, for uniform, quantisation-aware training) on a link where they matter;
-    # "@paper": in the paper's per-step regime (the default is 'delivery')
+    # "@paper": in the paper's per-step regime (the default is 'delivery'); "/N": a decision every N steps (the
+    # checkpoint of step 8 then falls between two decisions, and the held candidate must survive the resume)
+    allocator, _, every = allocator.partition("/")
     allocator, _, regime = allocator.partition("@")
     name, _, joint = allocator.partition("+")
     extra = {"channel.bits": [4, 8, 16, 32], "channel.bandwidth_hz": 1e5} if joint else {}
     if joint and name == "uniform":
         extra["train.quantization_aware"] = True
     return merge(tiny_config, {"allocator": name, "train.steps": steps, "train.checkpoint_every": 4,
-                               "policy.episode_steps": 3, "train.regime": regime or "delivery", **extra})
+                               "policy.episode_steps": 3, "train.regime": regime or "delivery",
+                               "train.allocate_every": int(every or 1), **extra})
 
 
 @pytest.mark.parametrize("allocator", ["airllm", "adalora", "heuristic", "random", "uniform", "heuristic+joint",
                                        "uniform+joint", "adalora+joint", "airllm+joint", "airllm@paper",
-                                       "adalora@paper", "uniform+joint@paper", "random@paper"])
+                                       "adalora@paper", "uniform+joint@paper", "random@paper", "airllm+joint/3"])
 def test_a_crashed_run_resumes_to_the_same_result(tiny_config, tmp_path, crash_run, allocator):
     config = resumable(tiny_config, allocator)
     run(config, tmp_path / "whole")

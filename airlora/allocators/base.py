@@ -144,7 +144,9 @@ class Allocator:
     probe_reward: bool = False
     """``delivery`` regime: True asks the trainer to measure each candidate delivery on the probe set, paired against
     the full adapter on the same examples (``StepOutcome.reward`` = −(U_candidate − U_full) − λ·η, two no-grad passes
-    a decision); False leaves the cheap −U − λ·η of the training batch (an allocator that does not learn from it)."""
+    a decision); False leaves the cheap −U − λ·η of the training batch (an allocator that does not learn from it).
+    Steps without a decision (``train.allocate_every`` > 1) get the batch's −U − λ·η either way: learn only from the
+    steps you decided."""
 
     def __init__(self, config: RunConfig, seed: int) -> None:
         self.config = config

@@ -18,8 +18,14 @@ import math
 from typing import Any
 
 
+def channel_key(snr_db: float) -> float:
+    """The bandit a delivery channel belongs to: its SNR to the nearest dB (an SNR trace has many distinct values,
+    and one bandit per exact value would never leave its first arm)."""
+    return float(round(snr_db))
+
+
 class PrecisionChoice:
-    """UCB1 over the allowed precisions (``channel.bits``), one bandit per delivery SNR."""
+    """UCB1 over the allowed precisions (``channel.bits``), one bandit per delivery SNR (to the nearest dB)."""
 
     def __init__(self, bits: tuple[int, ...]) -> None:
         self.bits = tuple(sorted(bits))
@@ -32,6 +38,7 @@ class PrecisionChoice:
         """The bits to send at over this channel, among ``allowed`` (default all): while exploring, each untried
         precision once (highest first), then the highest upper confidence bound; at delivery, the best mean (of the
         nearest SNR tried; else the highest allowed)."""
+        snr_db = channel_key(snr_db)
         arms = sorted(set(allowed or self.bits) & set(self.bits)) or [max(allowed or self.bits)]
         if not explore:
             tried = [s for s, c in self.counts.items() if any(c.get(b, 0) for b in arms)]
@@ -49,6 +56,7 @@ class PrecisionChoice:
 
     def update(self, snr_db: float, bits: int, reward: float) -> None:
         """Record the reward of a decision sent at ``bits`` over the channel at ``snr_db``."""
+        snr_db = channel_key(snr_db)
         counts, sums = self.counts.setdefault(snr_db, {}), self.sums.setdefault(snr_db, {})
         counts[bits] = counts.get(bits, 0) + 1
         sums[bits] = sums.get(bits, 0.0) + reward

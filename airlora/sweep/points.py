@@ -74,11 +74,13 @@ def goal_rows(rows: list[Row]) -> list[dict[str, Any]]:
                                "best_baseline_accuracy": accuracy,
                                "best_baseline_kbit": float(np.mean([b for _, b in per[best].values()])) / 1e3,
                                "ceiling": ceiling[key[0]], "headroom": ceiling[key[0]] - accuracy}
-        learned = [m for m in per if m in LEARNED]
-        if learned:
+        learned = [m for m in LEARNED if m in per]  # the paper's AirLLM (ppo+ddim-mlp) first when a sweep has several
+        common = [s for s in per[learned[0]] if s in per[best]] if learned else []
+        if common:
             m = learned[0]
-            diff = paired({s: a for s, (a, _) in per[m].items()}, {s: a for s, (a, _) in per[best].items()})
-            share = float(np.mean([per[m][s][1] / per[best][s][1] for s in per[m] if s in per[best]]))
+            diff = paired({s: per[m][s][0] for s in common}, {s: per[best][s][0] for s in common})
+            shares = [per[m][s][1] / per[best][s][1] for s in common if per[best][s][1] > 0]
+            share = float(np.mean(shares)) if shares else float("nan")
             accuracy_win = diff.mean >= 0.01 and diff.mean - diff.half_width > 0
             bits_win = share <= 0.75 and diff.mean + diff.half_width >= 0
             row |= {"learned": m, "diff": diff.mean, "diff_half_width": diff.half_width, "n": diff.n,
