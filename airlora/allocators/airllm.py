@@ -17,6 +17,7 @@ The two regimes (``train.regime``):
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ POLICY_FILE = "policy.pt"
 METRICS_FILE = "policy_metrics.csv"
 
 
+@functools.lru_cache(maxsize=64)  # once per (budget, bits): a budget is hashed by identity, and kept per SNR anyway
 def geometry(budget: Budget, bits: int) -> Geometry:
     """The budget as the rank policy prices it when the ranks are asked at ``bits``: those bits per unit rank while
     they fit, the budget filled at lower precisions while they fit at the lowest allowed (the projection lowers

@@ -29,7 +29,7 @@ LEARNED = ("ppo+ddim-mlp", "ppo", "ddim", "ppo+ddpm", "ppo+ddim-unet")
 
 def precision_set(bits: Any) -> str:
     """'fp32' for one allowed precision of 32 bits, 'joint' for several (the rest by their list)."""
-    values = [int(b) for b in str(bits).replace("[", "").replace("]", "").split(",") if str(b).strip()]
+    values = list(bits) if isinstance(bits, list) else [int(b) for b in str(bits).split(",")]  # row: "4,8,16,32"
     return "joint" if len(values) > 1 else "fp32" if values == [32] else f"{values[0]}-bit"
 
 
